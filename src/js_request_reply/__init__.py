@@ -1,0 +1,58 @@
+"""Request-reply over NATS JetStream: requests wait in a work-queue stream, replies find their way back.
+
+Notebooks use it as `import js_request_reply as jrr`.
+"""
+
+from .connection import connect
+from .errors import (
+    JsRequestReplyError,
+    NoReplyStream,
+    NoRequestStream,
+    PayloadTooLarge,
+    Reject,
+    RequestNotStored,
+    RequestRejected,
+    RequestTimeout,
+    ServerNotInstalled,
+    ServerStartFailed,
+    ServerTooOld,
+    ServerUnreachable,
+    StreamConflict,
+    StreamNotFound,
+)
+from .menu import MENU, menu_handlers
+from .requester import Reply, ReplyError, Requester, request
+from .responder import Handled, Responder, terminate
+from .server import EmbeddedServer, server_url
+from .streams import ensure_reply_stream, ensure_request_stream
+
+__all__ = [
+    "MENU",
+    "EmbeddedServer",
+    "Handled",
+    "JsRequestReplyError",
+    "NoReplyStream",
+    "NoRequestStream",
+    "PayloadTooLarge",
+    "Reject",
+    "Reply",
+    "ReplyError",
+    "RequestNotStored",
+    "RequestRejected",
+    "RequestTimeout",
+    "Requester",
+    "Responder",
+    "ServerNotInstalled",
+    "ServerStartFailed",
+    "ServerTooOld",
+    "ServerUnreachable",
+    "StreamConflict",
+    "StreamNotFound",
+    "connect",
+    "ensure_reply_stream",
+    "ensure_request_stream",
+    "menu_handlers",
+    "request",
+    "server_url",
+    "terminate",
+]

@@ -1,0 +1,202 @@
+"""The command line: `python -m js_request_reply server | responder | request | collect | lab`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from . import protocol as p
+from .connection import connect
+from .errors import JsRequestReplyError, RequestRejected, RequestTimeout, ServerUnreachable
+from .menu import menu_handlers
+from .requester import Requester
+from .responder import Handled, Responder
+from .server import EmbeddedServer
+from .streams import ensure_reply_stream, ensure_request_stream
+
+DEFAULT_PORT = 4222
+DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_PORT}"
+
+
+def cli_url(args: argparse.Namespace) -> str:
+    """--url, else NATS_URL, else the conventional local server, so two shells find the same server."""
+    return args.url or os.environ.get("NATS_URL", "").strip() or DEFAULT_URL
+
+
+def say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+def complain(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    server = EmbeddedServer(port=args.port, store_dir=args.store)
+    server.start()
+    say(f"nats-server with JetStream at {server.url} (store: {server.store_dir})")
+    say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
+    say("Ctrl-C to stop.")
+    try:
+        asyncio.run(_until_signalled())
+    finally:
+        server.close()
+        say("stopped.")
+    return 0
+
+
+async def _responder(args: argparse.Namespace) -> int:
+    url, server = cli_url(args), None
+    try:
+        nc = await connect(url, first_connect_timeout=2)
+    except ServerUnreachable:
+        if args.url or os.environ.get("NATS_URL"):
+            raise
+        server = EmbeddedServer(port=DEFAULT_PORT).start()
+        say(f"no server at {url}: started an embedded nats-server there; it stops with this responder.")
+        nc = await connect(server.url)
+    try:
+        await ensure_request_stream(nc.jetstream(), args.stream)
+        if args.mailbox_stream:
+            await ensure_reply_stream(nc.jetstream())
+
+        def show(handled: Handled) -> None:
+            detail = f" ({handled.detail})" if handled.detail else ""
+            say(f"{handled.subject} -> {handled.outcome}{detail}")
+
+        responder = Responder(nc, menu_handlers(), stream=args.stream, durable=args.durable, on_handled=show)
+        async with responder:
+            stores = " and REPLIES" if args.mailbox_stream else ""
+            say(f"serving the menu on {args.stream}{stores} at {url} (durable {args.durable!r}); Ctrl-C to stop.")
+            await _until_signalled()
+        say("stopped.")
+        return 0
+    finally:
+        await nc.drain()
+        if server is not None:
+            server.close()
+
+
+async def _request(args: argparse.Namespace) -> int:
+    if args.no_wait and not args.mailbox:
+        complain("--no-wait needs --mailbox NAME, so the reply has somewhere to wait")
+        return 2
+    nc = await connect(cli_url(args))
+    requester = Requester(nc, mailbox=args.mailbox)
+    try:
+        if args.no_wait:
+            request_id = await requester.send(args.subject, args.payload, ttl=args.ttl)
+            say(
+                f"sent {request_id}; collect the reply with: python -m js_request_reply collect --mailbox {args.mailbox}"
+            )
+            return 0
+        reply = await requester.request(args.subject, args.payload, timeout=args.timeout, ttl=args.ttl)
+        say(reply.data.decode("utf-8", errors="replace"))
+        return 0
+    except RequestRejected as exc:
+        complain(f"rejected: {exc.code} {exc.description}")
+        return 1
+    except RequestTimeout as exc:
+        complain(f"timeout: {exc}")
+        return 1
+    finally:
+        await requester.close()
+        await nc.drain()
+
+
+async def _collect(args: argparse.Namespace) -> int:
+    nc = await connect(cli_url(args))
+    requester = Requester(nc, mailbox=args.mailbox)
+    try:
+        replies = await requester.collect(timeout=args.timeout)
+        for reply in replies:
+            answered = reply.headers.get(p.REQUEST_SUBJECT_HEADER, "?")
+            outcome = f"rejected: {reply.error.code} {reply.error.description}" if reply.error else reply.text
+            say(f"{reply.request_id}  {answered}  {outcome}")
+        say(f"{len(replies)} replies collected for mailbox {args.mailbox!r}.")
+        return 0
+    finally:
+        await requester.close()
+        await nc.drain()
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    server = None
+    if not env.get("NATS_URL"):
+        server = EmbeddedServer().start()
+        env["NATS_URL"] = server.url
+    say(f"NATS_URL={env['NATS_URL']}" + (" (an embedded server for this session)" if server else ""))
+    notebooks = Path(args.notebooks)
+    command = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={notebooks}", *args.jupyter_args]
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m js_request_reply", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run an embedded nats-server in the foreground")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (0: any free port)")
+    server.add_argument("--store", default=None, help="JetStream store folder (default: a temporary one)")
+    server.set_defaults(run=cmd_server)
+
+    def with_url(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--url", default=None, help=f"server URL (default: NATS_URL, else {DEFAULT_URL})")
+        return command
+
+    responder = with_url(commands.add_parser("responder", help="serve the seed's menu until interrupted"))
+    responder.add_argument("--stream", default=p.DEFAULT_REQUEST_STREAM)
+    responder.add_argument("--durable", default="responder")
+    responder.add_argument("--mailbox-stream", action="store_true", help="create REPLIES too (mailbox mode)")
+    responder.set_defaults(run=lambda args: asyncio.run(_responder(args)))
+
+    request = with_url(commands.add_parser("request", help="send one request and print the reply"))
+    request.add_argument("subject")
+    request.add_argument("payload", nargs="?", default="")
+    request.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the reply")
+    request.add_argument("--mailbox", default=None, help="store the reply in this mailbox (REPLIES)")
+    request.add_argument("--no-wait", action="store_true", help="with --mailbox: send, print the id, exit")
+    request.add_argument("--ttl", type=float, default=None, help="seconds the request may wait unserved")
+    request.set_defaults(run=lambda args: asyncio.run(_request(args)))
+
+    collect = with_url(commands.add_parser("collect", help="print and take the replies waiting in a mailbox"))
+    collect.add_argument("--mailbox", required=True)
+    collect.add_argument("--timeout", type=float, default=5.0)
+    collect.set_defaults(run=lambda args: asyncio.run(_collect(args)))
+
+    lab = commands.add_parser("lab", help="open JupyterLab on the notebooks with NATS_URL set")
+    lab.add_argument("--notebooks", default="notebooks")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
+    lab.set_defaults(run=cmd_lab)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (JsRequestReplyError, ValueError) as exc:
+        complain(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130

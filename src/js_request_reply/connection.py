@@ -1,0 +1,69 @@
+"""Connecting: fail fast on the first connect, reconnect on their own afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+from nats.aio.client import Client
+
+from .errors import ServerUnreachable
+from .server import server_url
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("nats", "tls", "ws", "wss")
+START_HINT = "start one with `make lab`, `python -m js_request_reply server`, or `docker compose up -d`"
+
+
+def check_url(url: str) -> str:
+    """Return `url` if it looks like a NATS URL, else raise ServerUnreachable saying what is wrong."""
+    example = "expected something like nats://127.0.0.1:4222"
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ServerUnreachable(f"NATS_URL {url!r} has a port that is not a number; {example}") from None
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise ServerUnreachable(f"NATS_URL {url!r} is not a NATS URL; {example}")
+    return url
+
+
+async def _log_error(exc: Exception) -> None:
+    # nats-py's default error callback logs at ERROR level, which lands in a random notebook cell.
+    log.debug("nats connection error: %s", exc)
+
+
+async def connect(url: str | None = None, *, first_connect_timeout: float = 5.0, **options: Any) -> Client:
+    """A connected nats-py client for `url or server_url()`.
+
+    The first connect gives up after `first_connect_timeout` seconds with a ServerUnreachable that
+    names the URL. Once connected, the client reconnects on its own, without limit, when the server
+    restarts. Other keyword options go to `nats.connect`.
+    """
+    url = check_url(url or server_url())
+    options.setdefault("connect_timeout", 2)
+    options.setdefault("reconnect_time_wait", 0.25)
+    options.setdefault("max_reconnect_attempts", -1)
+    options.setdefault("error_cb", _log_error)
+    nc = Client()
+    try:
+        await asyncio.wait_for(nc.connect(url, **options), first_connect_timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        await _abandon(nc)
+        reason = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}".strip()
+        raise ServerUnreachable(
+            f"no NATS server answered at {url} within {first_connect_timeout:g}s ({reason}); {START_HINT}"
+        ) from None
+    return nc
+
+
+async def _abandon(nc: Client) -> None:
+    """Close a client whose first connect failed, without waiting on a server that is not there."""
+    with contextlib.suppress(TimeoutError, nats.errors.Error, OSError, AttributeError):
+        await asyncio.wait_for(nc.close(), 1)

@@ -1,0 +1,79 @@
+"""Wire conventions: header names, error codes and subject rules, in one place.
+
+`docs/protocol.md` describes the same conventions for clients in other languages.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+# The request's reply subject. The nats.go trial of `js.Request` uses the same header.
+REPLY_HEADER = "Nats-Reply"
+# Set by a mailbox-mode requester: the stream that stores its replies, so the responder
+# waits for that stream's PubAck before acking the request.
+REPLY_STREAM_HEADER = "Nats-Reply-Stream"
+# Carried on every reply: the subject of the request it answers.
+REQUEST_SUBJECT_HEADER = "Nats-Request-Subject"
+
+# ADR-32 service error headers, as nats.micro uses them.
+SERVICE_ERROR_HEADER = ERROR_HEADER
+SERVICE_ERROR_CODE_HEADER = ERROR_CODE_HEADER
+
+# Server-defined headers we rely on.
+MSG_ID_HEADER = "Nats-Msg-Id"
+MSG_TTL_HEADER = "Nats-TTL"
+STATUS_HEADER = "Status"
+NO_RESPONDERS_STATUS = "503"
+
+# Error codes a Responder sends, HTTP-style as ADR-32 suggests.
+NO_HANDLER = 404
+HANDLER_FAILED = 500
+BAD_REQUEST = 400
+
+# JetStream API error codes we handle by number.
+JS_ERR_NO_MESSAGE_FOUND = 10037
+JS_ERR_STREAM_NOT_FOUND = 10059
+JS_ERR_CONSUMER_OVERLAP = 10100
+
+DEFAULT_REQUEST_STREAM = "REQUESTS"
+DEFAULT_REQUEST_SUBJECTS = ("requests.*",)
+DEFAULT_REPLY_STREAM = "REPLIES"
+DEFAULT_REPLY_PREFIX = "replies"
+DEFAULT_REPLY_SUBJECTS = (f"{DEFAULT_REPLY_PREFIX}.>",)
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def is_valid_token(token: str) -> bool:
+    """True for one subject token made of letters, digits, '-' and '_' (no wildcards, dots or spaces)."""
+    return bool(_TOKEN.fullmatch(token))
+
+
+def is_valid_publish_subject(subject: str) -> bool:
+    """True for a subject a message can be published to: dot-separated, no wildcards, no white space."""
+    if not subject or any(c.isspace() for c in subject):
+        return False
+    return all(token and token not in ("*", ">") for token in subject.split("."))
+
+
+def request_id_of(reply_subject: str) -> str:
+    """The request id is the last token of the request's reply subject."""
+    return reply_subject.rsplit(".", 1)[-1]
+
+
+def mailbox_subject(mailbox: str, request_id: str, prefix: str = DEFAULT_REPLY_PREFIX) -> str:
+    """The subject a reply to `request_id` is stored under in `mailbox`."""
+    return f"{prefix}.{mailbox}.{request_id}"
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` matches one token, a final `>` matches one or more."""
+    pattern_tokens, subject_tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(pattern_tokens):
+        if token == ">":
+            return len(subject_tokens) > i
+        if i >= len(subject_tokens) or (token != "*" and token != subject_tokens[i]):
+            return False
+    return len(pattern_tokens) == len(subject_tokens)

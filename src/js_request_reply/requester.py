@@ -1,0 +1,426 @@
+"""The requesting side: `request()` and `Requester`, the Python counterpart of the nats.go trial's `js.Request`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+from nats.nuid import NUID
+
+from . import protocol as p
+from .errors import (
+    NoReplyStream,
+    NoRequestStream,
+    PayloadTooLarge,
+    RequestNotStored,
+    RequestRejected,
+    RequestTimeout,
+)
+
+MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
+HEADER_ALLOWANCE = 512  # bytes kept free under max_payload for our headers
+
+
+@dataclass(frozen=True)
+class ReplyError:
+    """An error reply: the ADR-32 code and description."""
+
+    code: int
+    description: str
+
+
+@dataclass
+class Reply:
+    """A reply as handed to the requester."""
+
+    request_id: str
+    subject: str
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    error: ReplyError | None = None
+
+    @property
+    def text(self) -> str:
+        """The payload decoded as UTF-8 (undecodable bytes shown as U+FFFD)."""
+        return self.data.decode("utf-8", errors="replace")
+
+    @classmethod
+    def from_msg(cls, msg: Msg) -> Reply:
+        """Build a Reply from a reply message, reading the error headers."""
+        headers = dict(msg.headers or {})
+        return cls(p.request_id_of(msg.subject), msg.subject, msg.data, headers, error_of(headers))
+
+
+def error_of(headers: dict[str, str] | None) -> ReplyError | None:
+    """The ADR-32 error carried in `headers`, or None for a normal reply."""
+    if not headers or (p.SERVICE_ERROR_HEADER not in headers and p.SERVICE_ERROR_CODE_HEADER not in headers):
+        return None
+    raw_code = headers.get(p.SERVICE_ERROR_CODE_HEADER, "")
+    code = int(raw_code) if raw_code.strip().isdigit() else p.HANDLER_FAILED
+    return ReplyError(code, headers.get(p.SERVICE_ERROR_HEADER, ""))
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where the server stored a request (from its PubAck)."""
+
+    stream: str
+    seq: int
+    duplicate: bool = False
+
+
+class _ReplyInbox:
+    """One wildcard subscription per connection. Replies and PubAcks are routed to futures by token.
+
+    This is why a request costs no subscribe or unsubscribe: the subscription is made once.
+    """
+
+    def __init__(self, nc: Client):
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._subscribed: asyncio.Task | None = None
+
+    async def ready(self) -> None:
+        if self._subscribed is None:
+            self._subscribed = asyncio.ensure_future(self.nc.subscribe(self.prefix + ">", cb=self._route))
+        await self._subscribed
+
+    def expect(self, token: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        return future
+
+    def forget(self, *tokens: str) -> None:
+        for token in tokens:
+            self._waiting.pop(token, None)
+
+    async def _route(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self.prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+
+_inboxes: weakref.WeakKeyDictionary[Client, _ReplyInbox] = weakref.WeakKeyDictionary()
+
+
+def _inbox_for(nc: Client) -> _ReplyInbox:
+    inbox = _inboxes.get(nc)
+    if inbox is None:
+        inbox = _inboxes[nc] = _ReplyInbox(nc)
+    return inbox
+
+
+def as_bytes(payload: bytes | str | None) -> bytes:
+    """Accept bytes or str payloads; str is sent as UTF-8."""
+    if payload is None:
+        return b""
+    if isinstance(payload, str):
+        return payload.encode()
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
+
+
+class Requester:
+    """Sends requests into a work-queue stream and gets their replies.
+
+    Without a mailbox, replies come straight back on the connection's one multiplexed inbox.
+    With `mailbox="alice"`, replies are addressed to `replies.alice.<request-id>` and stored in
+    REPLIES, so they wait there while this requester is offline; `collect()` hands each over once,
+    from any connection or process.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        mailbox: str | None = None,
+        reply_stream: str = p.DEFAULT_REPLY_STREAM,
+        reply_prefix: str = p.DEFAULT_REPLY_PREFIX,
+    ):
+        if mailbox is not None and not p.is_valid_token(mailbox):
+            raise ValueError(
+                f"mailbox {mailbox!r} must be one subject token of letters, digits, '-' or '_' "
+                "(no dots, spaces or wildcards), so it can only ever read its own replies"
+            )
+        self.nc = nc
+        self.mailbox = mailbox
+        self.reply_stream = reply_stream
+        self.reply_prefix = reply_prefix
+        self._nuid = NUID()
+        self._inbox = _inbox_for(nc)
+        self._mailbox_sub: Any = None
+        self._fetch_lock = asyncio.Lock()
+        self._fetched: dict[str, Msg] = {}  # mailbox replies fetched but not yet handed over
+
+    # -- requesting ---------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes | str = b"",
+        *,
+        timeout: float = 1.0,
+        headers: dict[str, str] | None = None,
+        ttl: float | None = None,
+        msg_id: str | None = None,
+    ) -> Msg | Reply:
+        """Store a request and wait up to `timeout` seconds for its reply.
+
+        Returns the reply message (a `Reply` in mailbox mode). Raises RequestRejected on an error
+        reply, NoRequestStream when no stream captures `subject`, and RequestTimeout when no reply
+        came in time; the stored request is then deleted, as the nats.go trial does, so no
+        responder works on a request nobody waits for.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        request_id = self._request_id(msg_id)
+        reply_subject = self._reply_subject(request_id)
+        reply_future = None if self.mailbox else self._inbox.expect(request_id)
+        stored: Stored | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                stored = await self._store(subject, payload, request_id, reply_subject, headers, ttl, msg_id)
+                if reply_future is not None:
+                    msg = await reply_future
+                    _raise_if_error(msg, subject)
+                    return msg
+                reply = await self._wait_in_mailbox(request_id)
+                if reply.error:
+                    raise RequestRejected(reply.error.code, reply.error.description, subject)
+                return reply
+        except TimeoutError:
+            raise RequestTimeout(await self._timed_out(subject, timeout, stored)) from None
+        finally:
+            self._inbox.forget(request_id, request_id + ".ack")
+
+    async def send(
+        self,
+        subject: str,
+        payload: bytes | str = b"",
+        *,
+        ttl: float | None = None,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> str:
+        """Store a request and return its id without waiting for the reply, which waits in the mailbox.
+
+        Returns once the server confirmed storing the request. Needs a mailbox.
+        """
+        if not self.mailbox:
+            raise ValueError(
+                "send() needs a mailbox, so the reply has somewhere to wait: Requester(nc, mailbox='alice')"
+            )
+        request_id = self._request_id(msg_id)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._store(subject, payload, request_id, self._reply_subject(request_id), headers, ttl, msg_id)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
+            ) from None
+        finally:
+            self._inbox.forget(request_id + ".ack")
+        return request_id
+
+    async def collect(self, timeout: float = 5.0) -> list[Reply]:
+        """Every reply stored for this mailbox that no earlier `collect()` returned, oldest first.
+
+        Each reply is acknowledged as it is handed over, so it leaves REPLIES and is never
+        handed over twice. Waits at most `timeout` seconds; returns [] when none are waiting.
+        """
+        if not self.mailbox:
+            raise ValueError("collect() needs a mailbox: Requester(nc, mailbox='alice')")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._fetch_waiting()
+        except TimeoutError:
+            pass  # hand over what arrived in time; the rest stays stored for the next collect()
+        fetched, self._fetched = self._fetched, {}
+        ordered = sorted(fetched.values(), key=lambda msg: msg.metadata.sequence.stream)
+        for msg in ordered:
+            await msg.ack()
+        await self.nc.flush(timeout=max(timeout, 1))
+        return [Reply.from_msg(msg) for msg in ordered]
+
+    async def close(self) -> None:
+        """Drop the mailbox subscription (the durable mailbox and its replies stay on the server)."""
+        sub, self._mailbox_sub = self._mailbox_sub, None
+        if sub is not None:
+            await sub.unsubscribe()
+
+    async def __aenter__(self) -> Requester:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    # -- the steps ----------------------------------------------------------------------------------
+
+    def _request_id(self, msg_id: str | None) -> str:
+        if msg_id is None:
+            return self._nuid.next().decode()
+        if not p.is_valid_token(msg_id):
+            raise ValueError(f"msg_id {msg_id!r} must be one subject token (letters, digits, '-' or '_')")
+        return msg_id
+
+    def _reply_subject(self, request_id: str) -> str:
+        if self.mailbox:
+            return p.mailbox_subject(self.mailbox, request_id, self.reply_prefix)
+        return self._inbox.prefix + request_id
+
+    async def _store(self, subject, payload, request_id, reply_subject, headers, ttl, msg_id) -> Stored:
+        """Publish the request with its reply subject in `Nats-Reply`, and wait for the stream's PubAck."""
+        if not p.is_valid_publish_subject(subject):
+            raise ValueError(f"subject {subject!r} is not a valid subject to publish to")
+        data = as_bytes(payload)
+        limit = self.nc.max_payload - HEADER_ALLOWANCE
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"payload of {len(data)} bytes is over the limit of {limit} bytes "
+                f"(the server's max_payload of {self.nc.max_payload} less room for headers); not sent"
+            )
+        if self.mailbox:
+            await self._open_mailbox()
+        all_headers = dict(headers or {})
+        all_headers[p.REPLY_HEADER] = reply_subject
+        if self.mailbox:
+            all_headers[p.REPLY_STREAM_HEADER] = self.reply_stream
+        if msg_id is not None:
+            all_headers[p.MSG_ID_HEADER] = msg_id
+        if ttl is not None:
+            if ttl < 1:
+                raise ValueError(f"ttl must be at least 1 second (the server counts whole seconds), not {ttl}")
+            all_headers[p.MSG_TTL_HEADER] = str(int(ttl))
+        await self._inbox.ready()
+        ack_token = request_id + ".ack"
+        ack_future = self._inbox.expect(ack_token)
+        await self.nc.publish(subject, data, reply=self._inbox.prefix + ack_token, headers=all_headers)
+        return _stored_from(await ack_future, subject)
+
+    async def _timed_out(self, subject: str, timeout: float, stored: Stored | None) -> str:
+        said = f"no reply to {subject!r} within {timeout:g}s"
+        if stored is None:
+            return f"{said}; the server did not confirm storing the request"
+        if await delete_request(self.nc, stored):
+            return f"{said}; the stored request ({stored.stream} #{stored.seq}) was deleted"
+        return f"{said}; a responder had already taken the request ({stored.stream} #{stored.seq})"
+
+    # -- the mailbox --------------------------------------------------------------------------------
+
+    async def _open_mailbox(self) -> None:
+        """Bind to this mailbox's durable consumer on REPLIES, creating it on first use."""
+        if self._mailbox_sub is not None:
+            return
+        js = self.nc.jetstream()
+        filter_subject = f"{self.reply_prefix}.{self.mailbox}.>"
+        try:
+            stream = await js.find_stream_name_by_subject(filter_subject)
+        except NotFoundError:
+            stream = None
+        if stream != self.reply_stream:
+            raise NoReplyStream(
+                f"no stream {self.reply_stream!r} stores replies for mailbox {self.mailbox!r} "
+                f"({filter_subject}); create it with ensure_reply_stream(js)"
+            )
+        config = ConsumerConfig(
+            durable_name=f"mailbox-{self.mailbox}",
+            filter_subject=filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold=MAILBOX_IDLE_LIMIT,
+        )
+        try:
+            self._mailbox_sub = await js.pull_subscribe(
+                filter_subject, durable=config.durable_name, stream=self.reply_stream, config=config
+            )
+        except APIError as exc:
+            raise NoReplyStream(
+                f"mailbox {self.mailbox!r} could not be opened on {self.reply_stream!r}: {exc.description}"
+            ) from None
+
+    def _keep(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            self._fetched[p.request_id_of(msg.subject)] = msg  # a redelivered copy replaces the older one
+
+    async def _fetch_waiting(self) -> None:
+        """Fetch every reply waiting in the mailbox right now."""
+        await self._open_mailbox()
+        async with self._fetch_lock:
+            waiting = (await self._mailbox_sub.consumer_info()).num_pending
+            while waiting > 0:
+                msgs = await self._mailbox_sub.fetch(min(waiting, 256), timeout=5)
+                self._keep(msgs)
+                waiting -= len(msgs)
+
+    async def _wait_in_mailbox(self, request_id: str) -> Reply:
+        """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it."""
+        async with self._fetch_lock:
+            while request_id not in self._fetched:
+                try:
+                    self._keep(await self._mailbox_sub.fetch(1, timeout=1))
+                except TimeoutError:
+                    continue
+        msg = self._fetched.pop(request_id)
+        await msg.ack()
+        return Reply.from_msg(msg)
+
+
+def _stored_from(ack: Msg, subject: str) -> Stored:
+    """Read a PubAck, turning 'no stream' and server refusals into clear errors."""
+    if ack.headers and ack.headers.get(p.STATUS_HEADER) == p.NO_RESPONDERS_STATUS:
+        raise NoRequestStream(subject)
+    try:
+        body = json.loads(ack.data)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or ("stream" not in body and "error" not in body):
+        # Something other than a stream answered: a core subscriber, not JetStream.
+        raise NoRequestStream(subject)
+    if "error" in body:
+        error = body["error"]
+        raise RequestNotStored(subject, error.get("description", "unknown error"), error.get("err_code"))
+    return Stored(body["stream"], int(body["seq"]), bool(body.get("duplicate", False)))
+
+
+def _raise_if_error(msg: Msg, subject: str) -> None:
+    error = error_of(msg.headers)
+    if error is not None:
+        raise RequestRejected(error.code, error.description, subject)
+
+
+async def delete_request(nc: Client, stored: Stored, timeout: float = 1.0) -> bool:
+    """Delete a stored request; False when it was already gone (taken and acked, or expired)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await nc.jetstream().delete_msg(stored.stream, stored.seq)
+    except (APIError, TimeoutError):
+        return False
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    payload: bytes | str = b"",
+    *,
+    timeout: float = 1.0,
+    headers: dict[str, str] | None = None,
+    ttl: float | None = None,
+    msg_id: str | None = None,
+) -> Msg:
+    """Store a request in the stream that captures `subject` and wait for its reply.
+
+    The counterpart of the nats.go trial's `js.Request`: the reply subject travels in the
+    `Nats-Reply` header, and on timeout the stored request is deleted and RequestTimeout raised.
+    An error reply raises RequestRejected; no stream for `subject` raises NoRequestStream.
+    """
+    return await Requester(nc).request(subject, payload, timeout=timeout, headers=headers, ttl=ttl, msg_id=msg_id)

@@ -1,0 +1,295 @@
+"""The responding side: a Responder pulls requests from the work queue, replies, and only then acks."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+
+from . import protocol as p
+from .errors import Reject, StreamConflict, StreamNotFound
+
+Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
+Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
+
+PULL_EXPIRY = 2.0  # seconds a pull request waits on the server; a lost one is re-issued after this
+STATUS_HEARTBEAT = "100"
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What a Responder did with one request: `outcome` is 'replied', 'rejected', 'terminated' or 'retried'."""
+
+    responder: str
+    subject: str
+    request_id: str
+    outcome: str
+    detail: str = ""
+    delivery: int = 1
+
+
+class Responder:
+    """Serves requests stored in a work-queue stream.
+
+    For each request it calls the handler for the request's subject, publishes the reply to the
+    request's `Nats-Reply` subject, and only then acks, so a crash between the two leaves the
+    request in the stream to be redelivered, never a request that is gone without a reply. When
+    the reply subject is stored by a stream (mailbox mode), it waits for that stream's PubAck
+    before acking. A handler that raises `Reject(code, description)`, or a subject with no handler,
+    gets an error reply and the request is terminated (`+TERM` with the reason).
+
+    Several Responders with the same `durable` share one pull consumer and split the work.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        handlers: Handlers,
+        *,
+        stream: str = p.DEFAULT_REQUEST_STREAM,
+        durable: str = "responder",
+        name: str | None = None,
+        max_in_flight: int = 64,
+        ack_wait: float = 30.0,
+        max_deliver: int = -1,
+        reply_timeout: float = 5.0,
+        on_handled: Callable[[Handled], None] | None = None,
+    ):
+        if not p.is_valid_token(durable):
+            raise ValueError(f"durable {durable!r} must be one token of letters, digits, '-' or '_'")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.nc = nc
+        self.handlers = handlers
+        self.stream = stream
+        self.durable = durable
+        self.name = name or durable
+        self.max_in_flight = max_in_flight
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.reply_timeout = reply_timeout
+        self.on_handled = on_handled
+        self.handled: collections.deque[Handled] = collections.deque(maxlen=10_000)
+        self._tasks: set[asyncio.Task] = set()
+        self._capacity = asyncio.Event()
+        self._round_end: asyncio.Future | None = None
+        self._round_left = 0
+        self._deliver_sub: Any = None
+        self._pull_task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop()."""
+        return self._pull_task is not None and not self._stopping
+
+    async def start(self) -> Responder:
+        """Create or bind the durable consumer and start pulling requests."""
+        if self._pull_task is not None:
+            return self
+        await self._ensure_consumer()
+        self._stopping = False
+        self._deliver = self.nc.new_inbox()
+        self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_delivery)
+        self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
+        return self
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, finish the ones in flight (up to `timeout` s), then unsubscribe.
+
+        Requests delivered after stop() began are nak'd, so another responder takes them at once.
+        """
+        if self._pull_task is None:
+            return
+        self._stopping = True
+        self._pull_task.cancel()
+        await asyncio.gather(self._pull_task, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self._deliver_sub is not None:
+            await self._deliver_sub.unsubscribe()
+        self._deliver_sub = self._pull_task = None
+
+    async def __aenter__(self) -> Responder:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Responder {self.name!r} on {self.stream}/{self.durable} {state}>"
+
+    # -- the consumer and the pull loop -------------------------------------------------------------
+
+    async def _ensure_consumer(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+        )
+        try:
+            await self.nc.jetstream().add_consumer(self.stream, config)
+        except NotFoundError:
+            raise StreamNotFound(
+                f"stream {self.stream!r} does not exist; create it with ensure_request_stream(js)"
+            ) from None
+        except APIError as exc:
+            if exc.err_code == p.JS_ERR_CONSUMER_OVERLAP:
+                raise StreamConflict(
+                    f"durable {self.durable!r} cannot read {self.stream!r}: work-queue streams refuse "
+                    f"overlapping consumers (error {exc.err_code}), and another consumer already reads "
+                    "these subjects. Give every Responder the same durable to share the work."
+                ) from None
+            raise StreamConflict(
+                f"durable {self.durable!r} on {self.stream!r} could not be created: {exc.description}"
+            ) from None
+
+    async def _pull_loop(self) -> None:
+        """Keep one pull request open, asking for as many requests as there is room for."""
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        loop = asyncio.get_running_loop()
+        while True:
+            free = self.max_in_flight - len(self._tasks)
+            if free <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            self._round_left = free
+            self._round_end = loop.create_future()
+            pull = {"batch": free, "expires": int(PULL_EXPIRY * 1e9)}
+            await self.nc.publish(subject, json.dumps(pull).encode(), reply=self._deliver)
+            try:
+                # The server ends a round with a status message or by filling the batch. A pull lost
+                # to a server restart ends nowhere, so the deadline re-issues it.
+                async with asyncio.timeout(PULL_EXPIRY + 1):
+                    await self._round_end
+            except TimeoutError:
+                pass
+
+    def _end_round(self) -> None:
+        if self._round_end is not None and not self._round_end.done():
+            self._round_end.set_result(None)
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get(p.STATUS_HEADER) if not msg.data else None
+        if status:
+            if status != STATUS_HEARTBEAT:
+                self._end_round()  # 408 expired, 409 ended by the server, 404 nothing waiting
+            return
+        self._round_left -= 1
+        if self._round_left <= 0:
+            self._end_round()
+        if self._stopping:
+            await msg.nak()
+            return
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._capacity.set()
+
+    # -- one request --------------------------------------------------------------------------------
+
+    async def _handle(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        reply_to = headers.get(p.REPLY_HEADER, "")
+        delivery = _delivery_count(msg)
+        if not p.is_valid_publish_subject(reply_to):
+            why = "no Nats-Reply header" if not reply_to else f"Nats-Reply {reply_to!r} is not a valid subject"
+            await terminate(msg, f"{p.BAD_REQUEST} {why}")
+            self._record(msg, "", "terminated", why, delivery)
+            return
+        request_id = p.request_id_of(reply_to)
+        try:
+            data = await self._call_handler(msg)
+        except Reject as reject:
+            await self._reject(msg, reply_to, request_id, reject.code, reject.description, delivery)
+            return
+        except Exception as exc:  # a failing handler must not take the responder down
+            detail = f"handler failed: {type(exc).__name__}: {exc}"
+            await self._reject(msg, reply_to, request_id, p.HANDLER_FAILED, detail, delivery)
+            return
+        if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
+            await msg.ack()
+            self._record(msg, request_id, "replied", "", delivery)
+
+    async def _call_handler(self, msg: Msg) -> bytes:
+        handler = self._handler_for(msg.subject)
+        if handler is None:
+            raise Reject(p.NO_HANDLER, f"no handler for subject {msg.subject!r}")
+        result = handler(msg)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, str):
+            return result.encode()
+        if isinstance(result, bytes | bytearray):
+            return bytes(result)
+        raise TypeError(f"handler returned {type(result).__name__}, expected bytes or str")
+
+    def _handler_for(self, subject: str) -> Handler | None:
+        if not isinstance(self.handlers, Mapping):
+            return self.handlers
+        if subject in self.handlers:
+            return self.handlers[subject]
+        for pattern, handler in self.handlers.items():
+            if p.subject_matches(pattern, subject):
+                return handler
+        return None
+
+    async def _reject(self, msg, reply_to, request_id, code: int, description: str, delivery: int) -> None:
+        """Send an error reply, then terminate the request so it leaves the work queue."""
+        headers = {p.SERVICE_ERROR_HEADER: description, p.SERVICE_ERROR_CODE_HEADER: str(code)}
+        if await self._send_reply(msg, reply_to, request_id, b"", headers, delivery):
+            await terminate(msg, f"{code} {description}")
+            self._record(msg, request_id, "rejected", f"{code} {description}", delivery)
+
+    async def _send_reply(self, msg, reply_to, request_id, data: bytes, headers: dict, delivery: int) -> bool:
+        """Publish the reply. Stored replies wait for their PubAck; False means the request was not settled."""
+        reply_stream = (msg.headers or {}).get(p.REPLY_STREAM_HEADER)
+        if not reply_stream:
+            await self.nc.publish(reply_to, data, headers=headers or None)
+            return True
+        headers = {**headers, p.REQUEST_SUBJECT_HEADER: msg.subject, "Nats-Expected-Stream": reply_stream}
+        try:
+            ack = await self.nc.request(reply_to, data, timeout=self.reply_timeout, headers=headers)
+            body = json.loads(ack.data)
+        except Exception as exc:
+            body = {"error": {"description": f"{type(exc).__name__} {exc}".strip()}}
+        if "error" not in body:
+            return True
+        why = f"reply not stored in {reply_stream}: {body['error'].get('description', 'unknown error')}"
+        await msg.nak(delay=1)  # the request stays queued and is answered when the mailbox can take it
+        self._record(msg, request_id, "retried", why, delivery)
+        return False
+
+    def _record(self, msg: Msg, request_id: str, outcome: str, detail: str, delivery: int) -> None:
+        handled = Handled(self.name, msg.subject, request_id, outcome, detail, delivery)
+        self.handled.append(handled)
+        if self.on_handled is not None:
+            self.on_handled(handled)
+
+
+def _delivery_count(msg: Msg) -> int:
+    try:
+        return msg.metadata.num_delivered
+    except Exception:
+        return 1
+
+
+async def terminate(msg: Msg, reason: str) -> None:
+    """Terminate a JetStream message with a reason (nats-py's `Msg.term()` sends none)."""
+    await msg._client.publish(msg.reply, b"+TERM " + reason.encode())

