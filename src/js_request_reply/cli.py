@@ -139,9 +139,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if not env.get("NATS_URL"):
         server = EmbeddedServer().start()
         env["NATS_URL"] = server.url
+    # Terminals opened in JupyterLab then find this environment's python and nats-server first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     say(f"NATS_URL={env['NATS_URL']}" + (" (an embedded server for this session)" if server else ""))
     notebooks = Path(args.notebooks)
     command = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={notebooks}", *args.jupyter_args]
+    if os.geteuid() == 0:
+        command.append("--allow-root")  # containers and CI machines often run as root; Jupyter refuses otherwise
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
@@ -184,15 +188,20 @@ def parser() -> argparse.ArgumentParser:
     collect.add_argument("--timeout", type=float, default=5.0)
     collect.set_defaults(run=lambda args: asyncio.run(_collect(args)))
 
-    lab = commands.add_parser("lab", help="open JupyterLab on the notebooks with NATS_URL set")
+    lab = commands.add_parser(
+        "lab", help="open JupyterLab on the notebooks with NATS_URL set (other options go to jupyter lab)"
+    )
     lab.add_argument("--notebooks", default="notebooks")
-    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
     lab.set_defaults(run=cmd_lab)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and args.command != "lab":
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.jupyter_args = extra
     try:
         return args.run(args)
     except (JsRequestReplyError, ValueError) as exc:

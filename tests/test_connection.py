@@ -1,0 +1,98 @@
+"""Connecting: a clear error when no server is there, and reconnection on its own when one restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+import js_request_reply as jrr
+from js_request_reply.server import free_port
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+async def test_connect_gives_a_connected_client(nats_url):
+    nc = await jrr.connect(nats_url)
+    try:
+        assert nc.is_connected
+        sub = await nc.subscribe(subject := unique("hello."))
+        await nc.publish(subject, b"hi")
+        assert (await sub.next_msg(timeout=5)).data == b"hi"
+    finally:
+        await nc.drain()
+
+
+async def test_connect_without_url_uses_server_url(nats_url):
+    nc = await jrr.connect()
+    try:
+        assert nc.is_connected
+        assert nc.connected_url.port == int(nats_url.rsplit(":", 1)[1])
+    finally:
+        await nc.drain()
+
+
+async def test_closed_port_fails_fast_naming_url_and_how_to_start_a_server():
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    with pytest.raises(jrr.ServerUnreachable) as caught:
+        async with asyncio.timeout(10):  # fails, rather than hanging on reconnect attempts
+            await jrr.connect(url)
+
+    message = str(caught.value)
+    assert f"no NATS server answered at {url}" in message
+    assert "python -m js_request_reply server" in message
+    assert "make lab" in message
+    assert isinstance(caught.value, ConnectionError)
+
+
+async def test_shorter_first_connect_timeout_is_honoured_and_named():
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    with pytest.raises(jrr.ServerUnreachable, match=r"within 0\.5s"):
+        async with asyncio.timeout(10):
+            await jrr.connect(url, first_connect_timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nats//nope", "is not a NATS URL"),
+        ("http://127.0.0.1:4222", "is not a NATS URL"),
+        ("nats://host:notaport", "has a port that is not a number"),
+    ],
+)
+async def test_malformed_url_is_a_clear_error(url, says):
+    with pytest.raises(jrr.ServerUnreachable) as caught:
+        async with asyncio.timeout(10):
+            await jrr.connect(url)
+
+    message = str(caught.value)
+    assert repr(url) in message
+    assert says in message
+    assert "nats://127.0.0.1:4222" in message, "the message shows what a NATS URL looks like"
+
+
+async def test_reconnects_on_its_own_after_server_restart(fresh_server):
+    reconnected = asyncio.Event()
+
+    async def on_reconnect():
+        reconnected.set()
+
+    nc = await jrr.connect(fresh_server.url, reconnected_cb=on_reconnect)
+    stream, subject = unique("RECON_"), unique("recon") + ".ping"
+    await jrr.ensure_request_stream(nc, stream, [subject])
+    async with jrr.Responder(nc, lambda msg: b"pong", stream=stream, durable="recon"):
+        assert (await jrr.request(nc, subject, timeout=5)).data == b"pong"
+
+        await asyncio.to_thread(fresh_server.restart)
+        async with asyncio.timeout(10):
+            await reconnected.wait()
+
+        reply = await jrr.request(nc, subject, timeout=10)
+    assert reply.data == b"pong"
+    assert nc.is_connected
+    await nc.drain()

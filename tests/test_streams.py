@@ -1,0 +1,150 @@
+"""Creating the request and reply streams: the right kind of stream, idempotently, or a clear conflict."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import pytest
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+import js_request_reply as jrr
+
+
+@pytest.fixture
+async def names(js):
+    """A unique stream name and subject prefix; the stream is deleted afterwards if it exists."""
+    suffix = uuid.uuid4().hex[:10]
+    name, prefix = f"ST_{suffix}", f"st{suffix}"
+    yield name, prefix
+    with contextlib.suppress(NotFoundError):  # some tests expect creation to fail
+        await js.delete_stream(name)
+
+
+async def test_request_stream_is_a_work_queue_allowing_message_ttl(js, names):
+    name, prefix = names
+
+    info = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+
+    assert info.config.name == name
+    assert info.config.retention == RetentionPolicy.WORK_QUEUE
+    assert info.config.allow_msg_ttl is True
+    assert info.config.storage == StorageType.FILE
+    assert info.config.subjects == [f"{prefix}.*"]
+    assert (await js.stream_info(name)).config.retention == RetentionPolicy.WORK_QUEUE
+
+
+async def test_request_stream_twice_is_harmless_and_keeps_messages(js, names):
+    name, prefix = names
+    first = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+    await js.publish(f"{prefix}.waiting", b"still here")
+
+    second = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+
+    assert second.config.retention == first.config.retention
+    assert second.config.subjects == first.config.subjects
+    assert (await js.stream_info(name)).state.messages == 1
+
+
+async def test_request_stream_accepts_a_connection_as_well_as_a_context(nc, js, names):
+    name, prefix = names
+
+    info = await jrr.ensure_request_stream(nc, name, [f"{prefix}.*"])
+
+    assert info.config.retention == RetentionPolicy.WORK_QUEUE
+
+
+async def test_request_stream_with_new_subjects_is_updated(js, names):
+    name, prefix = names
+    await jrr.ensure_request_stream(js, name, [f"{prefix}.a"])
+
+    info = await jrr.ensure_request_stream(js, name, [f"{prefix}.a", f"{prefix}.b"])
+
+    assert sorted(info.config.subjects) == [f"{prefix}.a", f"{prefix}.b"]
+    assert sorted((await js.stream_info(name)).config.subjects) == [f"{prefix}.a", f"{prefix}.b"]
+
+
+async def test_existing_work_queue_without_ttl_is_updated_to_allow_it(js, names):
+    name, prefix = names
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.*"], retention=RetentionPolicy.WORK_QUEUE))
+
+    info = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+
+    assert info.config.allow_msg_ttl is True
+
+
+async def test_limits_stream_of_the_same_name_is_a_conflict_naming_retention(js, names):
+    name, prefix = names
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.*"], retention=RetentionPolicy.LIMITS))
+    await js.publish(f"{prefix}.kept", b"untouched")
+
+    with pytest.raises(jrr.StreamConflict) as caught:
+        await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+
+    message = str(caught.value)
+    assert repr(name) in message
+    assert "retention is 'limits', not 'workqueue'" in message
+    assert f"js.delete_stream({name!r})" in message
+    info = await js.stream_info(name)
+    assert info.config.retention == RetentionPolicy.LIMITS, "the existing stream is left alone"
+    assert info.state.messages == 1
+
+
+async def test_memory_stream_of_the_same_name_is_a_conflict_naming_storage(js, names):
+    name, prefix = names
+    await js.add_stream(
+        StreamConfig(
+            name=name, subjects=[f"{prefix}.*"], retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.MEMORY
+        )
+    )
+
+    with pytest.raises(jrr.StreamConflict, match=r"storage is 'memory', not 'file'"):
+        await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+
+
+async def test_subjects_taken_by_another_stream_is_a_conflict_with_the_servers_reason(js, names):
+    name, prefix = names
+    await jrr.ensure_request_stream(js, name, [f"{prefix}.*"])
+    other = f"{name}_OTHER"
+
+    try:
+        with pytest.raises(jrr.StreamConflict) as caught:
+            await jrr.ensure_request_stream(js, other, [f"{prefix}.*"])
+    finally:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(other)
+
+    message = str(caught.value)
+    assert repr(other) in message
+    assert "could not be created or updated" in message
+    assert "overlap" in message
+
+
+async def test_reply_stream_is_a_work_queue_keeping_replies_a_day(js, names):
+    name, prefix = names
+
+    info = await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
+
+    assert info.config.retention == RetentionPolicy.WORK_QUEUE
+    assert info.config.max_age == 24 * 3600
+    assert info.config.subjects == [f"{prefix}.>"]
+    assert info.config.storage == StorageType.FILE
+
+
+async def test_reply_stream_twice_with_a_new_max_age_is_updated(js, names):
+    name, prefix = names
+    await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
+
+    again = await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"], max_age=60)
+
+    assert again.config.max_age == 60
+    assert (await js.stream_info(name)).config.max_age == 60
+
+
+async def test_limits_stream_named_for_replies_is_a_conflict(js, names):
+    name, prefix = names
+    await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"], retention=RetentionPolicy.LIMITS))
+
+    with pytest.raises(jrr.StreamConflict, match=r"cannot hold replies: its retention is 'limits'"):
+        await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
