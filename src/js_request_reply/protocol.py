@@ -31,6 +31,7 @@ NO_RESPONDERS_STATUS = "503"
 NO_HANDLER = 404
 HANDLER_FAILED = 500
 BAD_REQUEST = 400
+EXPIRED = 408  # reported by collect() for a sent request that left the stream with no reply
 
 # JetStream API error codes we handle by number.
 JS_ERR_NO_MESSAGE_FOUND = 10037
@@ -42,6 +43,9 @@ DEFAULT_REQUEST_SUBJECTS = ("requests.*",)
 DEFAULT_REPLY_STREAM = "REPLIES"
 DEFAULT_REPLY_PREFIX = "replies"
 DEFAULT_REPLY_SUBJECTS = (f"{DEFAULT_REPLY_PREFIX}.>",)
+# A key-value bucket where mailbox requesters note what they sent, so a later collect() can tell
+# "still waiting" from "expired unanswered" (keys: <mailbox>.<request-id>).
+LEDGER_BUCKET = "mailbox-ledger"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 

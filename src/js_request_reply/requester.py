@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import weakref
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
 from nats.nuid import NUID
 
 from . import protocol as p
@@ -223,7 +224,9 @@ class Requester:
         request_id = self._request_id(msg_id)
         try:
             async with asyncio.timeout(timeout):
-                await self._store(subject, payload, request_id, self._reply_subject(request_id), headers, ttl, msg_id)
+                reply_subject = self._reply_subject(request_id)
+                stored = await self._store(subject, payload, request_id, reply_subject, headers, ttl, msg_id)
+                await self._note_sent(request_id, subject, stored, ttl)
         except TimeoutError:
             raise RequestTimeout(
                 f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
@@ -236,21 +239,32 @@ class Requester:
         """Every reply stored for this mailbox that no earlier `collect()` returned, oldest first.
 
         Each reply is acknowledged as it is handed over, so it leaves REPLIES and is never
-        handed over twice. Waits at most `timeout` seconds; returns [] when none are waiting.
+        handed over twice. A request sent with `send()` that has left the request stream with no
+        reply (its TTL passed before any responder took it) comes back as an expired Reply, error
+        code 408, so nothing the mailbox sent is silently lost. Requests still waiting are not
+        listed. Waits at most `timeout` seconds; returns [] when nothing is waiting.
         """
         if not self.mailbox:
             raise ValueError("collect() needs a mailbox: Requester(nc, mailbox='alice')")
         try:
             async with asyncio.timeout(timeout):
+                # Look for vanished requests before fetching replies: a responder sends its reply
+                # before it acks, so a request gone by now has its reply stored by now, if it has one.
+                sent = await self._sent_entries()
+                vanished = {rid: entry for rid, entry in sent.items() if not await _still_stored(self.nc, entry)}
                 await self._fetch_waiting()
         except TimeoutError:
-            pass  # hand over what arrived in time; the rest stays stored for the next collect()
+            vanished = {}  # hand over what arrived in time; the rest stays stored for the next collect()
         fetched, self._fetched = self._fetched, {}
         ordered = sorted(fetched.values(), key=lambda msg: msg.metadata.sequence.stream)
         for msg in ordered:
             await msg.ack()
+        replies = [Reply.from_msg(msg) for msg in ordered]
+        answered = {reply.request_id for reply in replies}
+        expired = [self._expired(rid, entry) for rid, entry in vanished.items() if rid not in answered]
+        await self._forget_sent([*answered, *(reply.request_id for reply in expired)])
         await self.nc.flush(timeout=max(timeout, 1))
-        return [Reply.from_msg(msg) for msg in ordered]
+        return replies + expired
 
     async def close(self) -> None:
         """Drop the mailbox subscription (the durable mailbox and its replies stay on the server)."""
@@ -316,6 +330,51 @@ class Requester:
         return f"{said}; a responder had already taken the request ({stored.stream} #{stored.seq})"
 
     # -- the mailbox --------------------------------------------------------------------------------
+
+    async def _ledger(self):
+        js = self.nc.jetstream()
+        try:
+            return await js.key_value(p.LEDGER_BUCKET)
+        except NotFoundError:
+            raise NoReplyStream(
+                f"the mailbox ledger {p.LEDGER_BUCKET!r} does not exist; create it with ensure_reply_stream(js)"
+            ) from None
+
+    async def _note_sent(self, request_id: str, subject: str, stored: Stored, ttl: float | None) -> None:
+        """Write down what was sent, so any later collect() can report it if it expires unanswered."""
+        entry = {"subject": subject, "stream": stored.stream, "seq": stored.seq, "ttl": ttl}
+        await (await self._ledger()).put(f"{self.mailbox}.{request_id}", json.dumps(entry).encode())
+
+    async def _sent_entries(self) -> dict[str, dict]:
+        """The ledger's entries for this mailbox: request id -> what was sent, where it is stored."""
+        ledger = await self._ledger()
+        # The bucket's stream lists the keys present; nats-py's keys() and watch() can miss entries.
+        prefix = f"$KV.{p.LEDGER_BUCKET}."
+        info = await self.nc.jetstream().stream_info(
+            f"KV_{p.LEDGER_BUCKET}", subjects_filter=f"{prefix}{self.mailbox}.*"
+        )
+        entries = {}
+        for subject in info.state.subjects or {}:
+            key = subject[len(prefix) :]
+            with contextlib.suppress(NotFoundError, ValueError, TypeError):  # purged: already settled
+                entries[key.split(".", 1)[1]] = json.loads((await ledger.get(key)).value)
+        return entries
+
+    async def _forget_sent(self, request_ids: list[str]) -> None:
+        if not request_ids:
+            return
+        ledger = await self._ledger()
+        for request_id in request_ids:
+            with contextlib.suppress(KeyNotFoundError):
+                await ledger.purge(f"{self.mailbox}.{request_id}")
+
+    def _expired(self, request_id: str, entry: dict) -> Reply:
+        ttl = entry.get("ttl")
+        why = f"its TTL of {ttl:g}s passed" if ttl else "it was removed"
+        description = f"expired: the request left {entry['stream']} unanswered ({why} before any responder took it)"
+        headers = {p.REQUEST_SUBJECT_HEADER: entry["subject"]}
+        subject = self._reply_subject(request_id)
+        return Reply(request_id, subject, b"", headers, ReplyError(p.EXPIRED, description))
 
     async def _open_mailbox(self) -> None:
         """Bind to this mailbox's durable consumer on REPLIES, creating it on first use."""
@@ -396,6 +455,15 @@ def _raise_if_error(msg: Msg, subject: str) -> None:
     error = error_of(msg.headers)
     if error is not None:
         raise RequestRejected(error.code, error.description, subject)
+
+
+async def _still_stored(nc: Client, entry: dict) -> bool:
+    """True while a sent request is still in its stream (waiting, or being worked on)."""
+    try:
+        await nc.jetstream().get_msg(entry["stream"], entry["seq"])
+    except NotFoundError:
+        return False
+    return True
 
 
 async def delete_request(nc: Client, stored: Stored, timeout: float = 1.0) -> bool:

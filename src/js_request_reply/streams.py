@@ -1,4 +1,4 @@
-"""Creating the two streams idempotently: REQUESTS (the work queue) and REPLIES (the mailboxes)."""
+"""Creating the streams idempotently: REQUESTS (the work queue), REPLIES (the mailboxes) and the mailbox ledger."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, NotFoundError
 
 from .errors import StreamConflict
@@ -16,6 +16,7 @@ from .protocol import (
     DEFAULT_REPLY_SUBJECTS,
     DEFAULT_REQUEST_STREAM,
     DEFAULT_REQUEST_SUBJECTS,
+    LEDGER_BUCKET,
 )
 
 # Fields the server refuses to change on an existing stream.
@@ -53,11 +54,21 @@ async def ensure_reply_stream(
 ) -> StreamInfo:
     """Create or update the mailbox stream: replies wait here, `max_age` seconds at most, until collected.
 
-    It is a work-queue stream too, so a collected reply leaves it and is handed over once.
+    It is a work-queue stream too, so a collected reply leaves it and is handed over once. The
+    mailbox ledger (a key-value bucket of what each mailbox sent) is created beside it.
     """
     config.setdefault("storage", StorageType.FILE)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, max_age=max_age, **config)
-    return await _ensure_stream(jetstream(js), name, wanted, purpose="replies")
+    info = await _ensure_stream(jetstream(js), name, wanted, purpose="replies")
+    await _ensure_ledger(jetstream(js), max_age)
+    return info
+
+
+async def _ensure_ledger(js: JetStreamContext, max_age: float) -> None:
+    try:
+        await js.key_value(LEDGER_BUCKET)
+    except NotFoundError:
+        await js.create_key_value(KeyValueConfig(bucket=LEDGER_BUCKET, ttl=max_age, storage=StorageType.FILE))
 
 
 async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any], purpose: str) -> StreamInfo:
