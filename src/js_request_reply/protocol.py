@@ -43,9 +43,6 @@ DEFAULT_REQUEST_SUBJECTS = ("requests.*",)
 DEFAULT_REPLY_STREAM = "REPLIES"
 DEFAULT_REPLY_PREFIX = "replies"
 DEFAULT_REPLY_SUBJECTS = (f"{DEFAULT_REPLY_PREFIX}.>",)
-# A key-value bucket where mailbox requesters note what they sent, so a later collect() can tell
-# "still waiting" from "expired unanswered" (keys: <mailbox>.<request-id>).
-LEDGER_BUCKET = "mailbox-ledger"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -70,6 +67,14 @@ def request_id_of(reply_subject: str) -> str:
 def mailbox_subject(mailbox: str, request_id: str, prefix: str = DEFAULT_REPLY_PREFIX) -> str:
     """The subject a reply to `request_id` is stored under in `mailbox`."""
     return f"{prefix}.{mailbox}.{request_id}"
+
+
+def ledger_bucket(reply_stream: str) -> str:
+    """The key-value bucket beside a reply stream where mailboxes note what they sent (keys: <mailbox>.<id>).
+
+    It lets a later collect() tell "still waiting" from "expired unanswered".
+    """
+    return f"{reply_stream}-ledger"
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -334,10 +334,11 @@ class Requester:
     async def _ledger(self):
         js = self.nc.jetstream()
         try:
-            return await js.key_value(p.LEDGER_BUCKET)
+            return await js.key_value(p.ledger_bucket(self.reply_stream))
         except NotFoundError:
             raise NoReplyStream(
-                f"the mailbox ledger {p.LEDGER_BUCKET!r} does not exist; create it with ensure_reply_stream(js)"
+                f"the mailbox ledger {p.ledger_bucket(self.reply_stream)!r} does not exist; "
+                "create it with ensure_reply_stream(js)"
             ) from None
 
     async def _note_sent(self, request_id: str, subject: str, stored: Stored, ttl: float | None) -> None:
@@ -349,10 +350,9 @@ class Requester:
         """The ledger's entries for this mailbox: request id -> what was sent, where it is stored."""
         ledger = await self._ledger()
         # The bucket's stream lists the keys present; nats-py's keys() and watch() can miss entries.
-        prefix = f"$KV.{p.LEDGER_BUCKET}."
-        info = await self.nc.jetstream().stream_info(
-            f"KV_{p.LEDGER_BUCKET}", subjects_filter=f"{prefix}{self.mailbox}.*"
-        )
+        bucket = p.ledger_bucket(self.reply_stream)
+        prefix = f"$KV.{bucket}."
+        info = await self.nc.jetstream().stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}{self.mailbox}.*")
         entries = {}
         for subject in info.state.subjects or {}:
             key = subject[len(prefix) :]

@@ -16,7 +16,7 @@ from .protocol import (
     DEFAULT_REPLY_SUBJECTS,
     DEFAULT_REQUEST_STREAM,
     DEFAULT_REQUEST_SUBJECTS,
-    LEDGER_BUCKET,
+    ledger_bucket,
 )
 
 # Fields the server refuses to change on an existing stream.
@@ -60,15 +60,33 @@ async def ensure_reply_stream(
     config.setdefault("storage", StorageType.FILE)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, max_age=max_age, **config)
     info = await _ensure_stream(jetstream(js), name, wanted, purpose="replies")
-    await _ensure_ledger(jetstream(js), max_age)
+    await _ensure_ledger(jetstream(js), ledger_bucket(name), max_age)
     return info
 
 
-async def _ensure_ledger(js: JetStreamContext, max_age: float) -> None:
+async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float) -> None:
     try:
-        await js.key_value(LEDGER_BUCKET)
+        await js.key_value(bucket)
     except NotFoundError:
-        await js.create_key_value(KeyValueConfig(bucket=LEDGER_BUCKET, ttl=max_age, storage=StorageType.FILE))
+        await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE))
+
+
+async def delete_streams(js: JetStreamContext | Client, *names: str) -> list[str]:
+    """Delete the named streams that exist (a reply stream's ledger goes with it); returns those deleted.
+
+    Notebooks call it to start from a clean slate and in their cleanup cell.
+    """
+    js = jetstream(js)
+    deleted = []
+    for name in names:
+        for stream in (name, f"KV_{ledger_bucket(name)}"):
+            try:
+                await js.delete_stream(stream)
+            except NotFoundError:
+                continue
+            if stream == name:
+                deleted.append(name)
+    return deleted
 
 
 async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any], purpose: str) -> StreamInfo:
