@@ -1,7 +1,4 @@
-"""One real nats-server for the whole run: the embedded one, or the server at NATS_URL.
-
-It is started in pytest_configure, before any notebook kernel, so nbval's kernels inherit NATS_URL too.
-"""
+"""Fixtures on the run's server (set up in the root conftest.py), and servers of a test's own."""
 
 from __future__ import annotations
 
@@ -10,10 +7,6 @@ import os
 import pytest
 
 import js_request_reply as jrr
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ["NATS_URL"] = jrr.server_url()
 
 
 @pytest.fixture(scope="session")
