@@ -4,6 +4,7 @@ Notebooks use it as `import js_request_reply as jrr`.
 """
 
 from .connection import connect
+from .display import Arrow, SequenceDiagram, Wiretap, stream_table
 from .errors import (
     JsRequestReplyError,
     NoReplyStream,
@@ -24,10 +25,11 @@ from .menu import MENU, menu_handlers
 from .requester import Reply, ReplyError, Requester, request
 from .responder import Handled, Responder, terminate
 from .server import EmbeddedServer, server_url
-from .streams import ensure_reply_stream, ensure_request_stream
+from .streams import delete_streams, ensure_reply_stream, ensure_request_stream
 
 __all__ = [
     "MENU",
+    "Arrow",
     "EmbeddedServer",
     "Handled",
     "JsRequestReplyError",
@@ -42,17 +44,21 @@ __all__ = [
     "RequestTimeout",
     "Requester",
     "Responder",
+    "SequenceDiagram",
     "ServerNotInstalled",
     "ServerStartFailed",
     "ServerTooOld",
     "ServerUnreachable",
     "StreamConflict",
     "StreamNotFound",
+    "Wiretap",
     "connect",
+    "delete_streams",
     "ensure_reply_stream",
     "ensure_request_stream",
     "menu_handlers",
     "request",
     "server_url",
+    "stream_table",
     "terminate",
 ]
