@@ -257,13 +257,12 @@ class Requester:
             vanished = {}  # hand over what arrived in time; the rest stays stored for the next collect()
         fetched, self._fetched = self._fetched, {}
         ordered = sorted(fetched.values(), key=lambda msg: msg.metadata.sequence.stream)
-        for msg in ordered:
-            await msg.ack()
+        # Confirmed acks: once collect() returns, no other collect() can be handed these replies.
+        await asyncio.gather(*(msg.ack_sync(timeout=max(timeout, 1)) for msg in ordered))
         replies = [Reply.from_msg(msg) for msg in ordered]
         answered = {reply.request_id for reply in replies}
         expired = [self._expired(rid, entry) for rid, entry in vanished.items() if rid not in answered]
         await self._forget_sent([*answered, *(reply.request_id for reply in expired)])
-        await self.nc.flush(timeout=max(timeout, 1))
         return replies + expired
 
     async def close(self) -> None:
@@ -430,7 +429,7 @@ class Requester:
                 except TimeoutError:
                     continue
         msg = self._fetched.pop(request_id)
-        await msg.ack()
+        await msg.ack_sync()
         return Reply.from_msg(msg)
 
 

@@ -21,7 +21,7 @@ from .errors import Reject, StreamConflict, StreamNotFound
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
 
-PULL_EXPIRY = 2.0  # seconds a pull request waits on the server; a lost one is re-issued after this
+PULL_EXPIRY = 1.0  # seconds a pull request waits on the server; a lost one is re-issued after this
 STATUS_HEARTBEAT = "100"
 
 
@@ -107,12 +107,18 @@ class Responder:
         """Stop taking requests, finish the ones in flight (up to `timeout` s), then unsubscribe.
 
         Requests delivered after stop() began are nak'd, so another responder takes them at once.
+        The last pull request stays open on the server until it expires (PULL_EXPIRY), and the
+        server keeps handing it requests while anyone listens on its inbox (a `nats sub '>'`, a
+        Wiretap). So stop() keeps naking until that pull has ended, rather than leaving requests
+        with an inbox nobody reads for a whole ack_wait.
         """
         if self._pull_task is None:
             return
         self._stopping = True
         self._pull_task.cancel()
         await asyncio.gather(self._pull_task, return_exceptions=True)
+        if self._round_end is not None:
+            await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         if self._deliver_sub is not None:
@@ -170,13 +176,10 @@ class Responder:
             self._round_end = loop.create_future()
             pull = {"batch": free, "expires": int(PULL_EXPIRY * 1e9)}
             await self.nc.publish(subject, json.dumps(pull).encode(), reply=self._deliver)
-            try:
-                # The server ends a round with a status message or by filling the batch. A pull lost
-                # to a server restart ends nowhere, so the deadline re-issues it.
-                async with asyncio.timeout(PULL_EXPIRY + 1):
-                    await self._round_end
-            except TimeoutError:
-                pass
+            # The server ends a round with a status message or by filling the batch. A pull lost to a
+            # server restart ends nowhere, so the deadline re-issues it. (asyncio.wait, unlike await,
+            # leaves the future alone when this task is cancelled: stop() still needs it.)
+            await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 1)
 
     def _end_round(self) -> None:
         if self._round_end is not None and not self._round_end.done():
