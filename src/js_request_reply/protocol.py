@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
@@ -16,6 +17,9 @@ REPLY_HEADER = "Nats-Reply"
 REPLY_STREAM_HEADER = "Nats-Reply-Stream"
 # Carried on every reply: the subject of the request it answers.
 REQUEST_SUBJECT_HEADER = "Nats-Request-Subject"
+# Set by the requester: when its answer stops being useful, in Unix epoch milliseconds. A responder
+# that receives the request later terminates it as expired instead of working on it.
+DEADLINE_HEADER = "Nats-Deadline"
 
 # ADR-32 service error headers, as nats.micro uses them.
 SERVICE_ERROR_HEADER = ERROR_HEADER
@@ -31,7 +35,8 @@ NO_RESPONDERS_STATUS = "503"
 NO_HANDLER = 404
 HANDLER_FAILED = 500
 BAD_REQUEST = 400
-EXPIRED = 408  # reported by collect() for a sent request that left the stream with no reply
+EXPIRED = 408  # a request past its deadline, or one collect() found gone from the stream unanswered
+GAVE_UP = 500  # the consumer's max_deliver ran out
 
 # JetStream API error codes we handle by number.
 JS_ERR_NO_MESSAGE_FOUND = 10037
@@ -57,6 +62,20 @@ def is_valid_publish_subject(subject: str) -> bool:
     if not subject or any(c.isspace() for c in subject):
         return False
     return all(token and token not in ("*", ">") for token in subject.split("."))
+
+
+def deadline_header(seconds_from_now: float) -> str:
+    """The `Nats-Deadline` value for a deadline `seconds_from_now` seconds away."""
+    return str(int((time.time() + seconds_from_now) * 1000))
+
+
+def seconds_past_deadline(headers: dict[str, str] | None) -> float | None:
+    """How many seconds ago the request's deadline passed; None when it has none or it has not passed."""
+    raw = (headers or {}).get(DEADLINE_HEADER, "").strip()
+    if not raw.isdigit():
+        return None
+    late = time.time() - int(raw) / 1000
+    return late if late > 0 else None
 
 
 def request_id_of(reply_subject: str) -> str:

@@ -189,7 +189,9 @@ class Requester:
         stored: Stored | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                stored = await self._store(subject, payload, request_id, reply_subject, headers, ttl, msg_id)
+                stored = await self._store(
+                    subject, payload, request_id, reply_subject, headers, ttl, msg_id, wait=timeout
+                )
                 if reply_future is not None:
                     msg = await reply_future
                     _raise_if_error(msg, subject)
@@ -291,8 +293,12 @@ class Requester:
             return p.mailbox_subject(self.mailbox, request_id, self.reply_prefix)
         return self._inbox.prefix + request_id
 
-    async def _store(self, subject, payload, request_id, reply_subject, headers, ttl, msg_id) -> Stored:
-        """Publish the request with its reply subject in `Nats-Reply`, and wait for the stream's PubAck."""
+    async def _store(self, subject, payload, request_id, reply_subject, headers, ttl, msg_id, wait=None) -> Stored:
+        """Publish the request with its reply subject in `Nats-Reply`, and wait for the stream's PubAck.
+
+        `wait` (or else `ttl`) is how long the requester will want the answer: it travels as the
+        `Nats-Deadline` header, so a responder that gets the request later does not work on it.
+        """
         if not p.is_valid_publish_subject(subject):
             raise ValueError(f"subject {subject!r} is not a valid subject to publish to")
         data = as_bytes(payload)
@@ -314,6 +320,8 @@ class Requester:
             if ttl < 1:
                 raise ValueError(f"ttl must be at least 1 second (the server counts whole seconds), not {ttl}")
             all_headers[p.MSG_TTL_HEADER] = str(int(ttl))
+        if wait is not None or ttl is not None:
+            all_headers[p.DEADLINE_HEADER] = p.deadline_header(wait if wait is not None else ttl)
         await self._inbox.ready()
         ack_token = request_id + ".ack"
         ack_future = self._inbox.expect(ack_token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,7 +28,11 @@ STATUS_HEARTBEAT = "100"
 
 @dataclass(frozen=True)
 class Handled:
-    """What a Responder did with one request: `outcome` is 'replied', 'rejected', 'terminated' or 'retried'."""
+    """What a Responder did with one request.
+
+    `outcome` is 'replied', 'rejected', 'terminated', 'retried' (nak'd to try again) or 'gave up'
+    (max_deliver ran out).
+    """
 
     responder: str
     subject: str
@@ -48,6 +53,12 @@ class Responder:
     gets an error reply and the request is terminated (`+TERM` with the reason).
 
     Several Responders with the same `durable` share one pull consumer and split the work.
+
+    A request past its `Nats-Deadline` is terminated as expired without calling the handler. A
+    handler that runs longer than half the `ack_wait` is kept alive with in-progress acks, so no
+    second responder starts on the same request. A request redelivered `max_deliver` times (its
+    responders crashed or could not store the reply) gets an error reply, "gave up after N
+    deliveries", instead of silence.
     """
 
     def __init__(
@@ -60,7 +71,7 @@ class Responder:
         name: str | None = None,
         max_in_flight: int = 64,
         ack_wait: float = 30.0,
-        max_deliver: int = -1,
+        max_deliver: int = 5,
         reply_timeout: float = 5.0,
         on_handled: Callable[[Handled], None] | None = None,
     ):
@@ -80,10 +91,12 @@ class Responder:
         self.on_handled = on_handled
         self.handled: collections.deque[Handled] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task] = set()
+        self._beats: set[asyncio.Task] = set()
         self._capacity = asyncio.Event()
         self._round_end: asyncio.Future | None = None
         self._round_left = 0
         self._deliver_sub: Any = None
+        self._advisory_sub: Any = None
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
 
@@ -100,6 +113,12 @@ class Responder:
         self._stopping = False
         self._deliver = self.nc.new_inbox()
         self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_delivery)
+        # One responder of the group answers each max-deliveries advisory.
+        self._advisory_sub = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable}",
+            queue=f"jrr-{self.stream}-{self.durable}",
+            cb=self._on_max_deliveries,
+        )
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
         return self
 
@@ -121,9 +140,10 @@ class Responder:
             await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
-        if self._deliver_sub is not None:
-            await self._deliver_sub.unsubscribe()
-        self._deliver_sub = self._pull_task = None
+        for sub in (self._deliver_sub, self._advisory_sub):
+            if sub is not None:
+                await sub.unsubscribe()
+        self._deliver_sub = self._advisory_sub = self._pull_task = None
 
     async def __aenter__(self) -> Responder:
         return await self.start()
@@ -217,6 +237,12 @@ class Responder:
             self._record(msg, "", "terminated", why, delivery)
             return
         request_id = p.request_id_of(reply_to)
+        late = p.seconds_past_deadline(headers)
+        if late is not None:
+            why = f"expired: the requester's deadline passed {late:.1f} s before a responder took it"
+            await self._reject(msg, reply_to, request_id, p.EXPIRED, why, delivery)
+            return
+        keep_alive = _KeepAlive(msg, self.ack_wait / 2, self._beats)
         try:
             data = await self._call_handler(msg)
         except Reject as reject:
@@ -226,6 +252,8 @@ class Responder:
             detail = f"handler failed: {type(exc).__name__}: {exc}"
             await self._reject(msg, reply_to, request_id, p.HANDLER_FAILED, detail, delivery)
             return
+        finally:
+            keep_alive.cancel()
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
             await msg.ack()
             self._record(msg, request_id, "replied", "", delivery)
@@ -261,29 +289,84 @@ class Responder:
             self._record(msg, request_id, "rejected", f"{code} {description}", delivery)
 
     async def _send_reply(self, msg, reply_to, request_id, data: bytes, headers: dict, delivery: int) -> bool:
-        """Publish the reply. Stored replies wait for their PubAck; False means the request was not settled."""
-        reply_stream = (msg.headers or {}).get(p.REPLY_STREAM_HEADER)
+        """Publish the reply; False means it could not be stored, and the request was nak'd to retry."""
+        problem = await self._publish_reply(msg.subject, msg.headers, reply_to, request_id, data, headers)
+        if problem is None:
+            return True
+        await msg.nak(delay=1)  # the request stays queued and is answered when the mailbox can take it
+        self._record(msg, request_id, "retried", problem, delivery)
+        return False
+
+    async def _publish_reply(self, subject, request_headers, reply_to, request_id, data, headers) -> str | None:
+        """Publish a reply to `reply_to`; stored replies wait for their PubAck. Returns what went wrong, if anything."""
+        reply_stream = (request_headers or {}).get(p.REPLY_STREAM_HEADER)
         if not reply_stream:
             await self.nc.publish(reply_to, data, headers=headers or None)
-            return True
-        headers = {**headers, p.REQUEST_SUBJECT_HEADER: msg.subject, "Nats-Expected-Stream": reply_stream}
+            return None
+        # The request id as Nats-Msg-Id: a redelivered request's second reply is dropped by the stream.
+        headers = {
+            **headers,
+            p.REQUEST_SUBJECT_HEADER: subject,
+            p.MSG_ID_HEADER: request_id,
+            "Nats-Expected-Stream": reply_stream,
+        }
         try:
             ack = await self.nc.request(reply_to, data, timeout=self.reply_timeout, headers=headers)
             body = json.loads(ack.data)
         except Exception as exc:
             body = {"error": {"description": f"{type(exc).__name__} {exc}".strip()}}
         if "error" not in body:
-            return True
-        why = f"reply not stored in {reply_stream}: {body['error'].get('description', 'unknown error')}"
-        await msg.nak(delay=1)  # the request stays queued and is answered when the mailbox can take it
-        self._record(msg, request_id, "retried", why, delivery)
-        return False
+            return None
+        return f"reply not stored in {reply_stream}: {body['error'].get('description', 'unknown error')}"
+
+    async def _on_max_deliveries(self, advisory: Msg) -> None:
+        """The server gave up redelivering a request: tell its requester, then remove the request."""
+        try:
+            event = json.loads(advisory.data)
+            seq, deliveries = int(event["stream_seq"]), int(event["deliveries"])
+        except (ValueError, KeyError, TypeError):
+            return
+        js = self.nc.jetstream()
+        try:
+            stored = await js.get_msg(self.stream, seq)
+        except (NotFoundError, APIError, TimeoutError):
+            return  # already gone: acked, terminated or expired meanwhile
+        headers = stored.headers or {}
+        reply_to = headers.get(p.REPLY_HEADER, "")
+        request_id = p.request_id_of(reply_to)
+        why = f"gave up after {deliveries} deliveries"
+        if p.is_valid_publish_subject(reply_to):
+            error = {p.SERVICE_ERROR_HEADER: why, p.SERVICE_ERROR_CODE_HEADER: str(p.GAVE_UP)}
+            await self._publish_reply(stored.subject, headers, reply_to, request_id, b"", error)
+        with contextlib.suppress(NotFoundError, APIError, TimeoutError):
+            await js.delete_msg(self.stream, seq)
+        self._remember(Handled(self.name, stored.subject or "", request_id, "gave up", why, deliveries))
 
     def _record(self, msg: Msg, request_id: str, outcome: str, detail: str, delivery: int) -> None:
-        handled = Handled(self.name, msg.subject, request_id, outcome, detail, delivery)
+        self._remember(Handled(self.name, msg.subject, request_id, outcome, detail, delivery))
+
+    def _remember(self, handled: Handled) -> None:
         self.handled.append(handled)
         if self.on_handled is not None:
             self.on_handled(handled)
+
+
+class _KeepAlive:
+    """In-progress acks every `interval` seconds while a slow handler runs, so ack_wait never runs out."""
+
+    def __init__(self, msg: Msg, interval: float, tasks: set[asyncio.Task]):
+        self._msg, self._interval, self._tasks = msg, interval, tasks
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        task = self._loop.create_task(self._msg.in_progress())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._handle = self._loop.call_later(self._interval, self._beat)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _delivery_count(msg: Msg) -> int:
