@@ -49,12 +49,26 @@ async def test_closed_port_fails_fast_naming_url_and_how_to_start_a_server():
     assert isinstance(caught.value, ConnectionError)
 
 
-async def test_shorter_first_connect_timeout_is_honoured_and_named():
+async def test_a_port_that_accepts_but_never_speaks_nats_gives_up_after_the_timeout():
+    # A listener that accepts connections and says nothing: nats-py waits for an INFO that never comes.
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    try:
+        with pytest.raises(jrr.ServerUnreachable, match=r"within 0\.5s"):
+            async with asyncio.timeout(10):
+                await jrr.connect(url, first_connect_timeout=0.5)
+    finally:
+        silent.close()
+
+
+async def test_closed_port_error_gives_the_real_reason():
     url = f"nats://127.0.0.1:{free_port()}"
 
-    with pytest.raises(jrr.ServerUnreachable, match=r"within 0\.5s"):
+    with pytest.raises(jrr.ServerUnreachable) as caught:
         async with asyncio.timeout(10):
-            await jrr.connect(url, first_connect_timeout=0.5)
+            await jrr.connect(url, first_connect_timeout=1)
+
+    assert "ConnectionRefusedError" in str(caught.value)
 
 
 @pytest.mark.parametrize(

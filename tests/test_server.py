@@ -41,7 +41,7 @@ async def test_server_url_without_nats_url_starts_one_reachable_server(monkeypat
     nc = await jrr.connect(url)
     try:
         assert nc.is_connected
-        assert nc._server_info.get("jetstream"), "the embedded server has JetStream enabled"
+        assert await nc.jetstream().account_info(), "the embedded server has JetStream enabled"
     finally:
         await nc.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 
 import pytest
@@ -14,12 +13,11 @@ import js_request_reply as jrr
 
 @pytest.fixture
 async def names(js):
-    """A unique stream name and subject prefix; the stream is deleted afterwards if it exists."""
+    """A unique stream name and subject prefix; the stream (and a reply stream's ledger) is deleted afterwards."""
     suffix = uuid.uuid4().hex[:10]
     name, prefix = f"ST_{suffix}", f"st{suffix}"
     yield name, prefix
-    with contextlib.suppress(NotFoundError):  # some tests expect creation to fail
-        await js.delete_stream(name)
+    await jrr.delete_streams(js, name)  # some tests expect creation to fail: nothing to delete then
 
 
 async def test_request_stream_is_a_work_queue_allowing_message_ttl(js, names):
@@ -112,8 +110,7 @@ async def test_subjects_taken_by_another_stream_is_a_conflict_with_the_servers_r
         with pytest.raises(jrr.StreamConflict) as caught:
             await jrr.ensure_request_stream(js, other, [f"{prefix}.*"])
     finally:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_stream(other)
+        await jrr.delete_streams(js, other)
 
     message = str(caught.value)
     assert repr(other) in message
@@ -132,7 +129,17 @@ async def test_reply_stream_is_a_work_queue_keeping_replies_a_day(js, names):
     assert info.config.storage == StorageType.FILE
 
 
-async def test_reply_stream_twice_with_a_new_max_age_is_updated(js, names):
+async def test_reply_stream_comes_with_its_mailbox_ledger(js, names):
+    name, prefix = names
+
+    await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"], max_age=3600)
+    await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"], max_age=3600)
+
+    ledger = await js.key_value(f"{name}-ledger")
+    assert (await ledger.status()).ttl == 3600
+
+
+async def test_reply_stream_twice_with_a_shorter_max_age_is_updated(js, names):
     name, prefix = names
     await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
 
@@ -142,9 +149,40 @@ async def test_reply_stream_twice_with_a_new_max_age_is_updated(js, names):
     assert (await js.stream_info(name)).config.max_age == 60
 
 
+async def test_reply_stream_twice_with_a_longer_max_age_is_updated(js, names):
+    name, prefix = names
+    await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"], max_age=600)
+
+    again = await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"], max_age=3600)
+
+    assert again.config.max_age == 3600
+
+
 async def test_limits_stream_named_for_replies_is_a_conflict(js, names):
     name, prefix = names
     await js.add_stream(StreamConfig(name=name, subjects=[f"{prefix}.>"], retention=RetentionPolicy.LIMITS))
 
     with pytest.raises(jrr.StreamConflict, match=r"cannot hold replies: its retention is 'limits'"):
         await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
+
+
+async def test_delete_streams_deletes_those_that_exist_with_their_ledgers(js, names):
+    name, prefix = names
+    requests = f"{name}_REQ"
+    await jrr.ensure_reply_stream(js, name, [f"{prefix}.>"])
+    await jrr.ensure_request_stream(js, requests, [f"{prefix}req.*"])
+
+    deleted = await jrr.delete_streams(js, name, requests, f"{name}_NEVER")
+
+    assert deleted == [name, requests]
+    for gone in (name, requests, f"KV_{name}-ledger"):
+        with pytest.raises(NotFoundError):
+            await js.stream_info(gone)
+
+
+async def test_delete_streams_twice_is_harmless(nc, names):
+    name, prefix = names
+    await jrr.ensure_request_stream(nc, name, [f"{prefix}.*"])
+
+    assert await jrr.delete_streams(nc, name) == [name]
+    assert await jrr.delete_streams(nc, name) == []

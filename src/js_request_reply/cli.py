@@ -36,26 +36,32 @@ def complain(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets; install it before telling anyone to press Ctrl-C."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     server = EmbeddedServer(port=args.port, store_dir=args.store)
     server.start()
-    say(f"nats-server with JetStream at {server.url} (store: {server.store_dir})")
-    say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
-    say("Ctrl-C to stop.")
     try:
-        asyncio.run(_until_signalled())
+        asyncio.run(_serve_until_signalled(server))
     finally:
         server.close()
         say("stopped.")
     return 0
+
+
+async def _serve_until_signalled(server: EmbeddedServer) -> None:
+    stop = _stop_on_signals()
+    say(f"nats-server with JetStream at {server.url} (store: {server.store_dir})")
+    say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
+    say("Ctrl-C to stop.")
+    await stop.wait()
 
 
 async def _responder(args: argparse.Namespace) -> int:
@@ -78,10 +84,11 @@ async def _responder(args: argparse.Namespace) -> int:
             say(f"{handled.subject} -> {handled.outcome}{detail}")
 
         responder = Responder(nc, menu_handlers(), stream=args.stream, durable=args.durable, on_handled=show)
+        stop = _stop_on_signals()
         async with responder:
             stores = " and REPLIES" if args.mailbox_stream else ""
             say(f"serving the menu on {args.stream}{stores} at {url} (durable {args.durable!r}); Ctrl-C to stop.")
-            await _until_signalled()
+            await stop.wait()
         say("stopped.")
         return 0
     finally:

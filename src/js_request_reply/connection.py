@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from asyncio import FIRST_COMPLETED
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,25 +43,41 @@ async def _log_error(exc: Exception) -> None:
 async def connect(url: str | None = None, *, first_connect_timeout: float = 5.0, **options: Any) -> Client:
     """A connected nats-py client for `url or server_url()`.
 
-    The first connect gives up after `first_connect_timeout` seconds with a ServerUnreachable that
-    names the URL. Once connected, the client reconnects on its own, without limit, when the server
+    The first connect fails at once when the port refuses the connection, and gives up after
+    `first_connect_timeout` seconds otherwise, with a ServerUnreachable that names the URL and the
+    reason. Once connected, the client reconnects on its own, without limit, when the server
     restarts. Other keyword options go to `nats.connect`.
     """
     url = check_url(url or server_url())
+    errors: list[Exception] = []
+    refused = asyncio.Event()
+    user_error_cb = options.pop("error_cb", _log_error)
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+        if isinstance(exc, ConnectionRefusedError) and not nc.is_connected:
+            refused.set()  # nothing listens on that port: retrying for seconds would only hide it
+        await user_error_cb(exc)
+
     options.setdefault("connect_timeout", 2)
     options.setdefault("reconnect_time_wait", 0.25)
     options.setdefault("max_reconnect_attempts", -1)
-    options.setdefault("error_cb", _log_error)
     nc = Client()
+    connecting = asyncio.ensure_future(nc.connect(url, error_cb=error_cb, **options))
+    refusal = asyncio.ensure_future(refused.wait())
     try:
-        await asyncio.wait_for(nc.connect(url, **options), first_connect_timeout)
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        await _abandon(nc)
-        reason = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}".strip()
-        raise ServerUnreachable(
-            f"no NATS server answered at {url} within {first_connect_timeout:g}s ({reason}); {START_HINT}"
-        ) from None
-    return nc
+        await asyncio.wait({connecting, refusal}, timeout=first_connect_timeout, return_when=FIRST_COMPLETED)
+    finally:
+        refusal.cancel()
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        return nc
+    connecting.cancel()
+    failure = connecting.exception() if connecting.done() and not connecting.cancelled() else None
+    await _abandon(nc)
+    last = failure or (errors[-1] if errors else None)
+    reason = f"{type(last).__name__}: {last}".strip().rstrip(":") if last else "no answer"
+    when = "" if refused.is_set() else f" within {first_connect_timeout:g}s"
+    raise ServerUnreachable(f"no NATS server answered at {url}{when} ({reason}); {START_HINT}")
 
 
 async def _abandon(nc: Client) -> None:

@@ -42,6 +42,7 @@ GAVE_UP = 500  # the consumer's max_deliver ran out
 JS_ERR_NO_MESSAGE_FOUND = 10037
 JS_ERR_STREAM_NOT_FOUND = 10059
 JS_ERR_CONSUMER_OVERLAP = 10100
+JS_ERR_CONSUMER_WQ_UNFILTERED = 10099  # a second unfiltered consumer on a work-queue stream
 
 DEFAULT_REQUEST_STREAM = "REQUESTS"
 DEFAULT_REQUEST_SUBJECTS = ("requests.*",)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,13 +108,11 @@ class _ReplyInbox:
             future.set_result(msg)
 
 
-_inboxes: weakref.WeakKeyDictionary[Client, _ReplyInbox] = weakref.WeakKeyDictionary()
-
-
 def _inbox_for(nc: Client) -> _ReplyInbox:
-    inbox = _inboxes.get(nc)
+    """The connection's one reply inbox, kept on the connection so it lives and dies with it."""
+    inbox = getattr(nc, "_jrr_reply_inbox", None)
     if inbox is None:
-        inbox = _inboxes[nc] = _ReplyInbox(nc)
+        inbox = nc._jrr_reply_inbox = _ReplyInbox(nc)
     return inbox
 
 

@@ -172,7 +172,7 @@ class Responder:
                 f"stream {self.stream!r} does not exist; create it with ensure_request_stream(js)"
             ) from None
         except APIError as exc:
-            if exc.err_code == p.JS_ERR_CONSUMER_OVERLAP:
+            if exc.err_code in (p.JS_ERR_CONSUMER_OVERLAP, p.JS_ERR_CONSUMER_WQ_UNFILTERED):
                 raise StreamConflict(
                     f"durable {self.durable!r} cannot read {self.stream!r}: work-queue streams refuse "
                     f"overlapping consumers (error {exc.err_code}), and another consumer already reads "

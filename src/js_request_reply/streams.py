@@ -105,6 +105,9 @@ async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any]
             f"Delete it (await js.delete_stream({name!r})) or pass another name."
         )
     updated = dataclasses.replace(info.config, **{field: want for field, _, want in differences})
+    if updated.max_age and (updated.duplicate_window or 0) > updated.max_age:
+        # The server refuses a duplicate window longer than max_age; shorten it with max_age.
+        updated = dataclasses.replace(updated, duplicate_window=updated.max_age)
     return await _call(js.update_stream, updated, name, purpose)
 
 

@@ -1,0 +1,259 @@
+"""The command line, run as a learner runs it: `python -m js_request_reply ...` in separate processes.
+
+Each test that needs a server has a fresh one of its own, since the commands use the default
+REQUESTS and REPLIES streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import js_request_reply as jrr
+from js_request_reply.server import free_port
+
+
+def cli_env(url: str) -> dict[str, str]:
+    return {**os.environ, "NATS_URL": url, "PYTHONIOENCODING": "utf-8"}
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run one command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "js_request_reply", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
+
+
+class Output:
+    """The lines a long-running command prints, read in the background so every wait can be bounded."""
+
+    def __init__(self, stream):
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        """The next line containing `text`; fails the test if none comes within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} within {timeout}s; output so far:\n" + "\n".join(self.seen))
+            if line is None:
+                pytest.fail(f"the command ended without printing {text!r}; its output:\n" + "\n".join(self.seen))
+            self.seen.append(line)
+            if text in line:
+                return line
+
+
+@contextlib.contextmanager
+def running(*args: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, Output]]:
+    """Start a long-running command; interrupt it (and, failing that, kill it) on the way out."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "js_request_reply", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+    )
+    try:
+        yield process, Output(process.stdout)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(15)
+        process.stdout.close()
+
+
+def interrupt(process: subprocess.Popen) -> int:
+    """Ctrl-C, and the exit code."""
+    process.send_signal(signal.SIGINT)
+    return process.wait(15)
+
+
+async def _stream_count(url: str, stream: str, create: bool = False) -> int:
+    nc = await jrr.connect(url)
+    try:
+        if create:
+            await jrr.ensure_request_stream(nc, stream)
+        return (await nc.jetstream().stream_info(stream)).state.messages
+    finally:
+        await nc.drain()
+
+
+def stream_count(url: str, stream: str = "REQUESTS", create: bool = False) -> int:
+    return asyncio.run(_stream_count(url, stream, create))
+
+
+@pytest.fixture
+def env(fresh_server) -> dict[str, str]:
+    return cli_env(fresh_server.url)
+
+
+@pytest.fixture
+def menu_responder(env):
+    """The menu's responder, running in a process of its own."""
+    with running("responder", env=env) as (process, output):
+        output.wait_for("serving the menu on REQUESTS")
+        yield process, output
+
+
+# -- request and responder ------------------------------------------------------------------------
+
+
+def test_request_prints_the_reply_of_a_responder_process_which_stops_on_ctrl_c(env):
+    with running("responder", env=env) as (responder, output):
+        output.wait_for("serving the menu on REQUESTS")
+
+        result = cli("request", "requests.order-sandwich", "--timeout", "10", env=env)
+
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "🥪"
+        assert output.wait_for("requests.order-sandwich") == "requests.order-sandwich -> replied"
+        assert interrupt(responder) == 0
+        output.wait_for("stopped.")
+
+
+def test_request_off_the_menu_is_a_rejection_on_stderr(env, menu_responder):
+    result = cli("request", "requests.order-drink", "--timeout", "10", env=env)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip() == "rejected: 404 no handler for subject 'requests.order-drink'"
+    _, output = menu_responder
+    assert "requests.order-drink -> rejected (404 no handler" in output.wait_for("requests.order-drink")
+
+
+def test_request_with_no_responder_times_out_and_leaves_nothing_behind(fresh_server, env):
+    assert stream_count(fresh_server.url, create=True) == 0
+
+    result = cli("request", "requests.order-sandwich", "--timeout", "0.5", env=env)
+
+    assert result.returncode == 1
+    assert "timeout: no reply to 'requests.order-sandwich' within 0.5s" in result.stderr
+    assert "the stored request (REQUESTS #1) was deleted" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert stream_count(fresh_server.url) == 0
+
+
+def test_request_with_no_stream_says_how_to_create_one(env):
+    result = cli("request", "requests.order-sandwich", env=env)
+
+    assert result.returncode == 2
+    assert "error: no stream captures subject 'requests.order-sandwich'" in result.stderr
+    assert "ensure_request_stream" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_request_to_a_closed_port_names_the_url_without_a_traceback():
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    result = cli("request", "requests.order-sandwich", env=cli_env(url))
+
+    assert result.returncode == 2
+    assert f"error: no NATS server answered at {url}" in result.stderr
+    assert "python -m js_request_reply server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_request_with_a_malformed_url_says_so_without_a_traceback():
+    result = cli("request", "requests.order-sandwich", "--url", "nats//nope", env=cli_env("nats://127.0.0.1:1"))
+
+    assert result.returncode == 2
+    assert "error: NATS_URL 'nats//nope' is not a NATS URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_wait_without_a_mailbox_is_refused():
+    result = cli("request", "requests.order-sandwich", "--no-wait", env=cli_env("nats://127.0.0.1:1"))
+
+    assert result.returncode == 2
+    assert "--no-wait needs --mailbox NAME" in result.stderr
+
+
+# -- mailbox --------------------------------------------------------------------------------------
+
+
+def test_no_wait_then_collect_prints_the_reply_once(env):
+    with running("responder", "--mailbox-stream", env=env) as (_, output):
+        output.wait_for("serving the menu on REQUESTS and REPLIES")
+
+        sent = cli("request", "requests.order-bagel", "--mailbox", "alice", "--no-wait", env=env)
+
+        assert sent.returncode == 0, sent.stderr
+        match = re.fullmatch(
+            r"sent (\S+); collect the reply with: python -m js_request_reply collect --mailbox alice",
+            sent.stdout.strip(),
+        )
+        assert match, sent.stdout
+        request_id = match.group(1)
+        assert output.wait_for("requests.order-bagel") == "requests.order-bagel -> replied"
+
+    collected = cli("collect", "--mailbox", "alice", env=env)
+    again = cli("collect", "--mailbox", "alice", "--timeout", "1", env=env)
+
+    assert collected.returncode == 0, collected.stderr
+    assert collected.stdout.splitlines() == [
+        f"{request_id}  requests.order-bagel  🥯",
+        "1 replies collected for mailbox 'alice'.",
+    ]
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == ["0 replies collected for mailbox 'alice'."]
+
+
+# -- server ---------------------------------------------------------------------------------------
+
+
+async def _serves_jetstream(url: str) -> bool:
+    nc = await jrr.connect(url)
+    try:
+        return (await nc.jetstream().account_info()) is not None
+    finally:
+        await nc.drain()
+
+
+def test_server_prints_its_url_serves_jetstream_and_stops_on_ctrl_c(tmp_path):
+    store = tmp_path / "store"
+    with running("server", "--port", "0", "--store", str(store), env=dict(os.environ)) as (server, output):
+        first = output.wait_for("nats-server with JetStream at")
+        match = re.search(r"at (nats://127\.0\.0\.1:(\d+)) \(store: (.+)\)$", first)
+        assert match, first
+        url = match.group(1)
+        assert int(match.group(2)) > 0
+        assert match.group(3) == str(store)
+        assert output.wait_for("export NATS_URL=").startswith(f"export NATS_URL={url}")
+        output.wait_for("Ctrl-C to stop.")
+        assert asyncio.run(_serves_jetstream(url))
+
+        assert interrupt(server) == 0
+        output.wait_for("stopped.")
+
+    with pytest.raises(jrr.ServerUnreachable):
+        asyncio.run(jrr.connect(url, first_connect_timeout=1))
