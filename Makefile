@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: lab test lint format server clean
+.PHONY: lab test lint format server notebooks clean
 
 lab: $(STAMP)
 	$(BIN)/python -m js_request_reply lab
@@ -20,6 +20,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
+
+# Re-run every notebook in place to refresh its committed outputs (each kernel starts its own server).
+notebooks: $(STAMP)
+	cd notebooks && env -u NATS_URL ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False [0-9][0-9]-*.ipynb
 
 server: $(STAMP)
 	$(BIN)/python -m js_request_reply server

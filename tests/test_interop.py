@@ -36,18 +36,6 @@ async def stream(raw):
     await js.delete_stream(name)
 
 
-async def settled_count(js, stream: str, expected: int, timeout: float = 5.0) -> int:
-    """The stream's message count once it equals `expected`, or as it is after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    count = (await js.stream_info(stream)).state.messages
-    # The server announces no change of a stream's count, so this polls, within the deadline.
-    while count != expected and loop.time() < deadline:
-        await asyncio.sleep(0.02)
-        count = (await js.stream_info(stream)).state.messages
-    return count
-
-
 # -- a raw requester, our Responder ----------------------------------------------------------------
 
 
@@ -70,7 +58,7 @@ async def test_raw_requester_gets_our_responders_reply_on_its_inbox(nc, raw, str
 
     assert reply.data == b"hello from go"
     assert "Nats-Service-Error-Code" not in (reply.headers or {})
-    assert await settled_count(raw.jetstream(), name, 0) == 0
+    assert await jrr.wait_for_messages(raw.jetstream(), name, 0) == 0
 
 
 async def test_raw_requester_sees_a_rejection_as_adr32_error_headers(nc, raw, stream):
@@ -88,7 +76,7 @@ async def test_raw_requester_sees_a_rejection_as_adr32_error_headers(nc, raw, st
     assert rejected.headers["Nats-Service-Error"] == "sold out"
     assert unknown.headers["Nats-Service-Error-Code"] == "404"
     assert unknown.headers["Nats-Service-Error"] == f"no handler for subject '{prefix}.unknown'"
-    assert await settled_count(raw.jetstream(), name, 0) == 0
+    assert await jrr.wait_for_messages(raw.jetstream(), name, 0) == 0
 
 
 # -- our request(), a raw responder ----------------------------------------------------------------
@@ -110,7 +98,7 @@ async def test_our_request_gets_a_raw_responders_reply(nc, raw, stream):
     await asyncio.wait_for(responding, 10)
 
     assert reply.data == b"raw says hi to python"
-    assert await settled_count(raw.jetstream(), name, 0) == 0
+    assert await jrr.wait_for_messages(raw.jetstream(), name, 0) == 0
 
 
 async def test_our_request_reads_a_raw_responders_error_headers(nc, raw, stream):
@@ -123,4 +111,4 @@ async def test_our_request_reads_a_raw_responders_error_headers(nc, raw, stream)
     await asyncio.wait_for(responding, 10)
 
     assert (caught.value.code, caught.value.description) == (503, "kitchen closed")
-    assert await settled_count(raw.jetstream(), name, 0) == 0
+    assert await jrr.wait_for_messages(raw.jetstream(), name, 0) == 0

@@ -37,21 +37,6 @@ async def messages_in(js, stream: str) -> int:
     return (await js.stream_info(stream)).state.messages
 
 
-async def settled_count(js, stream: str, expected: int, timeout: float = 5.0) -> int:
-    """The stream's message count once it equals `expected`, or as it is after `timeout` seconds.
-
-    The server applies acks and terminations asynchronously, after the reply has already arrived.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    count = await messages_in(js, stream)
-    # The server announces no change of a stream's count, so this polls, within the deadline.
-    while count != expected and loop.time() < deadline:
-        await asyncio.sleep(0.02)
-        count = await messages_in(js, stream)
-    return count
-
-
 @pytest.fixture
 async def queue(js):
     """A request stream of the test's own."""
@@ -88,7 +73,7 @@ async def test_request_returns_the_reply_and_the_request_leaves_the_stream(nc, j
         reply = await jrr.request(nc, queue.subject("greet"), b"bob", timeout=5)
 
     assert reply.data == b"hello bob"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_request_accepts_a_str_payload(nc, js, queue):
@@ -132,7 +117,7 @@ async def test_subject_without_handler_is_rejected_with_404_and_leaves_the_strea
     assert caught.value.description == f"no handler for subject {subject!r}"
     assert caught.value.subject == subject
     assert str(caught.value) == f"request to {subject!r} rejected: 404 no handler for subject {subject!r}"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_reject_from_a_handler_reaches_the_requester(nc, js, queue):
@@ -145,7 +130,7 @@ async def test_reject_from_a_handler_reaches_the_requester(nc, js, queue):
 
     assert (caught.value.code, caught.value.description) == (409, "sold out")
     assert "rejected: 409 sold out" in str(caught.value)
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_failing_handler_is_a_500_naming_the_exception(nc, js, queue):
@@ -158,7 +143,7 @@ async def test_failing_handler_is_a_500_naming_the_exception(nc, js, queue):
 
     assert caught.value.code == 500
     assert caught.value.description == "handler failed: RuntimeError: oven on fire"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_no_stream_for_the_subject_raises_no_request_stream_naming_it(nc):
@@ -225,7 +210,7 @@ async def test_concurrent_requests_share_one_inbox_subscription(nc, js, queue):
 
         assert [reply.data for reply in replies] == [f"re:n{i}".encode() for i in range(50)]
         assert len(nc._subs) == subscriptions, "a request costs no subscription of its own"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_a_closed_connection_is_not_kept_alive_by_its_reply_inbox(nats_url, queue):
@@ -269,8 +254,8 @@ async def test_mailbox_reply_waits_for_the_requester_on_another_connection(nats_
     assert [(reply.request_id, reply.data, reply.error) for reply in replies] == [(request_id, b"hello alice", None)]
     assert replies[0].headers["Nats-Request-Subject"] == subject
     assert again == []
-    assert await settled_count(js, mailboxes.stream, 0) == 0
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, mailboxes.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_mailbox_request_returns_a_reply(nc, js, queue, mailboxes):
@@ -280,7 +265,7 @@ async def test_mailbox_request_returns_a_reply(nc, js, queue, mailboxes):
     assert isinstance(reply, jrr.Reply)
     assert reply.text == "hello bob"
     assert reply.error is None
-    assert await settled_count(js, mailboxes.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, mailboxes.stream, 0) == 0
 
 
 async def test_mailbox_request_rejection_raises(nc, js, queue, mailboxes):
@@ -292,7 +277,7 @@ async def test_mailbox_request_rejection_raises(nc, js, queue, mailboxes):
             await requester.request(queue.subject("order"), timeout=5)
 
     assert (caught.value.code, caught.value.description) == (409, "sold out")
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_mailbox_request_timeout_deletes_the_stored_request(nc, js, queue, mailboxes):
@@ -315,7 +300,7 @@ async def test_collect_reports_a_sent_request_that_expired_unanswered(nc, js, qu
         request_id = await requester.send(subject, b"anyone?", ttl=1)
         assert await requester.collect(timeout=1) == [], "a request still waiting is not listed"
 
-        assert await settled_count(js, queue.stream, 0, timeout=15) == 0, "the request's TTL removed it"
+        assert await jrr.wait_for_messages(js, queue.stream, 0, timeout=15) == 0, "the request's TTL removed it"
         replies = await requester.collect()
         again = await requester.collect(timeout=1)
 

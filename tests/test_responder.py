@@ -24,21 +24,6 @@ async def messages_in(js, stream: str) -> int:
     return (await js.stream_info(stream)).state.messages
 
 
-async def settled_count(js, stream: str, expected: int, timeout: float = 5.0) -> int:
-    """The stream's message count once it equals `expected`, or as it is after `timeout` seconds.
-
-    The server applies acks and terminations asynchronously, after the reply has already arrived.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    count = await messages_in(js, stream)
-    # The server announces no change of a stream's count, so this polls, within the deadline.
-    while count != expected and loop.time() < deadline:
-        await asyncio.sleep(0.02)
-        count = await messages_in(js, stream)
-    return count
-
-
 @pytest.fixture
 async def queue(js):
     """A request stream of the test's own."""
@@ -73,7 +58,7 @@ async def test_sync_handler_returning_str_is_sent_as_utf8(nc, js, queue):
         reply = await jrr.request(nc, queue.subject("sandwich"), timeout=5)
 
     assert reply.data == "🥪".encode()
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_async_handler_returning_bytes_is_sent_as_is(nc, js, queue):
@@ -85,7 +70,7 @@ async def test_async_handler_returning_bytes_is_sent_as_is(nc, js, queue):
         reply = await jrr.request(nc, queue.subject("upper"), b"shout", timeout=5)
 
     assert reply.data == b"SHOUT"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_single_callable_serves_every_subject(nc, js, queue):
@@ -113,7 +98,7 @@ async def test_handler_returning_neither_bytes_nor_str_is_a_500(nc, js, queue):
 
     assert caught.value.code == 500
     assert caught.value.description == "handler failed: TypeError: handler returned int, expected bytes or str"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_handled_records_each_outcome(nc, queue):
@@ -142,7 +127,7 @@ async def test_request_without_reply_header_is_terminated(nc, js, queue):
             await terminated.wait()
 
     assert [(h.outcome, h.detail) for h in serving.handled] == [("terminated", "no Nats-Reply header")]
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_terminate_removes_a_request_from_the_work_queue(js, queue):
@@ -152,7 +137,7 @@ async def test_terminate_removes_a_request_from_the_work_queue(js, queue):
 
     await jrr.terminate(msg, "400 not today")
 
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
@@ -175,13 +160,13 @@ async def test_running_and_repr_follow_start_and_stop(nc, queue):
 
 async def test_requests_wait_for_a_responder_that_starts_later(nc, js, queue):
     pending = asyncio.create_task(jrr.request(nc, queue.subject("later"), b"patient", timeout=10))
-    assert await settled_count(js, queue.stream, 1) == 1, "the request is stored, waiting"
+    assert await jrr.wait_for_messages(js, queue.stream, 1) == 1, "the request is stored, waiting"
 
     async with responder(nc, queue, lambda msg: b"served " + msg.data):
         reply = await pending
 
     assert reply.data == b"served patient"
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_two_responders_sharing_a_durable_both_serve(nc, other_nc, js, queue):
@@ -205,7 +190,7 @@ async def test_two_responders_sharing_a_durable_both_serve(nc, other_nc, js, que
 
     assert [reply.data for reply in replies] == [b"done", b"done"]
     assert sorted(h.responder for h in [*first.handled, *second.handled]) == ["first", "second"]
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_stop_finishes_the_request_in_flight(nc, js, queue):
@@ -232,7 +217,7 @@ async def test_stop_finishes_the_request_in_flight(nc, js, queue):
 
     assert reply.data == b"finished"
     assert [h.outcome for h in serving.handled] == ["replied"]
-    assert await settled_count(js, queue.stream, 0) == 0
+    assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
 
 
 async def test_a_replacement_responder_serves_at_once(nc, js, queue):
@@ -274,7 +259,7 @@ async def test_reply_that_cannot_be_stored_keeps_the_request_until_it_can(nats_u
         async with jrr.Requester(nc, mailbox="kim", reply_stream=replies, reply_prefix=prefix) as requester:
             collected = await requester.collect()
         assert [(reply.request_id, reply.data) for reply in collected] == [(request_id, b"hot soup")]
-        assert await settled_count(js, queue.stream, 0) == 0
+        assert await jrr.wait_for_messages(js, queue.stream, 0) == 0
     finally:
         await jrr.delete_streams(js, replies)
 
@@ -302,8 +287,8 @@ async def test_requests_stored_before_a_restart_are_served_after_it(fresh_server
         replies = await requester.collect()
 
     assert {reply.request_id: reply.text for reply in replies} == sent
-    assert await settled_count(js, "REQUESTS", 0) == 0
-    assert await settled_count(js, "REPLIES", 0) == 0
+    assert await jrr.wait_for_messages(js, "REQUESTS", 0) == 0
+    assert await jrr.wait_for_messages(js, "REPLIES", 0) == 0
     await nc.drain()
 
 

@@ -3,8 +3,9 @@
 Notebooks use it as `import js_request_reply as jrr`.
 """
 
+from .cli import run_command
 from .connection import connect
-from .display import Arrow, SequenceDiagram, Wiretap, stream_table
+from .display import Arrow, SequenceDiagram, Wiretap, replies_table, stream_state, stream_table
 from .errors import (
     JsRequestReplyError,
     NoReplyStream,
@@ -25,7 +26,7 @@ from .menu import MENU, menu_handlers
 from .requester import Reply, ReplyError, Requester, request
 from .responder import Handled, Responder, terminate
 from .server import EmbeddedServer, server_url
-from .streams import delete_streams, ensure_reply_stream, ensure_request_stream
+from .streams import delete_streams, ensure_reply_stream, ensure_request_stream, wait_for_messages
 
 __all__ = [
     "MENU",
@@ -57,8 +58,12 @@ __all__ = [
     "ensure_reply_stream",
     "ensure_request_stream",
     "menu_handlers",
+    "replies_table",
     "request",
+    "run_command",
     "server_url",
+    "stream_state",
     "stream_table",
     "terminate",
+    "wait_for_messages",
 ]

@@ -203,6 +203,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def run_command(*args: str, timeout: float = 60.0) -> str:
+    """Run `python -m js_request_reply ARGS` as a separate process against this process's server.
+
+    Returns what it printed (stdout, then stderr). Notebooks use it to play a second process:
+    a requester that comes back after the first one went away.
+    """
+    from .server import server_url  # the kernel's server, even when it is an embedded one
+
+    env = {**os.environ, "NATS_URL": server_url()}
+    command = [sys.executable, "-m", "js_request_reply", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    return done.stdout + done.stderr
+
+
 def main(argv: list[str] | None = None) -> int:
     top = parser()
     args, extra = top.parse_known_args(argv)

@@ -36,6 +36,7 @@ from nats.nuid import NUID
 from . import protocol as p
 from .connection import connect
 from .errors import StreamNotFound
+from .requester import Reply
 from .streams import jetstream
 
 REQUESTER = "Requester"
@@ -46,7 +47,17 @@ PLUMBING = ("$JS.EVENT.", "$KV.", "$O.", MARKER_PREFIX)  # subjects never drawn
 STORE_STREAMS = ("KV_", "OBJ_")  # streams behind key-value buckets and object stores
 PAYLOAD_CHARS = 24
 
-__all__ = ["Arrow", "SequenceDiagram", "TappedMessage", "Wiretap", "classify", "drawable", "stream_table"]
+__all__ = [
+    "Arrow",
+    "SequenceDiagram",
+    "TappedMessage",
+    "Wiretap",
+    "classify",
+    "drawable",
+    "replies_table",
+    "stream_state",
+    "stream_table",
+]
 
 
 @dataclass(frozen=True)
@@ -687,3 +698,33 @@ async def stream_table(js: JetStreamContext | Client, stream: str, *, limit: int
         rows.append((msg.seq, msg.subject, headers.get(p.REPLY_HEADER, ""), data))
         seq = msg.seq + 1
     return pd.DataFrame(rows, columns=["seq", "subject", p.REPLY_HEADER, "data"])
+
+
+async def stream_state(js: JetStreamContext | Client, stream: str) -> pd.DataFrame:
+    """A stream's counters as a one-row table: messages stored, first and last sequence, consumers."""
+    js = jetstream(js)
+    try:
+        state = (await js.stream_info(stream)).state
+    except NotFoundError:
+        raise StreamNotFound(f"stream {stream!r} does not exist; create it with ensure_request_stream(js)") from None
+    row = {
+        "stream": stream,
+        "messages": state.messages,
+        "first seq": state.first_seq,
+        "last seq": state.last_seq,
+        "consumers": state.consumer_count,
+    }
+    return pd.DataFrame([row])
+
+
+def replies_table(replies: Iterable[Reply]) -> pd.DataFrame:
+    """What `Requester.collect()` handed over, one row a reply, sorted by request subject.
+
+    Columns: request (the subject it answers), reply, error code, error description.
+    """
+    rows = []
+    for reply in replies:
+        code, description = (reply.error.code, reply.error.description) if reply.error else ("", "")
+        rows.append((reply.headers.get(p.REQUEST_SUBJECT_HEADER, ""), reply.text, code, description))
+    table = pd.DataFrame(rows, columns=["request", "reply", "error code", "error description"])
+    return table.sort_values(["request", "reply"], ignore_index=True, kind="stable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -69,6 +70,22 @@ async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float) -> N
         await js.key_value(bucket)
     except NotFoundError:
         await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE))
+
+
+async def wait_for_messages(js: JetStreamContext | Client, stream: str, count: int, *, timeout: float = 5.0) -> int:
+    """Wait until `stream` holds `count` messages, at most `timeout` seconds; returns how many it holds then.
+
+    The server removes acked, terminated and expired messages a moment after the fact and announces
+    no change of a stream's count, so this polls (every 20 ms) within the bound.
+    """
+    js = jetstream(js)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    held = (await js.stream_info(stream)).state.messages
+    while held != count and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+        held = (await js.stream_info(stream)).state.messages
+    return held
 
 
 async def delete_streams(js: JetStreamContext | Client, *names: str) -> list[str]:
