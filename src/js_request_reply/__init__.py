@@ -5,7 +5,6 @@ Notebooks use it as `import js_request_reply as jrr`.
 
 from .cli import run_command
 from .connection import connect
-from .display import Arrow, SequenceDiagram, Wiretap, replies_table, stream_state, stream_table
 from .errors import (
     JsRequestReplyError,
     NoReplyStream,
@@ -27,6 +26,19 @@ from .requester import Reply, ReplyError, Requester, request
 from .responder import Handled, Responder, terminate
 from .server import EmbeddedServer, server_url
 from .streams import delete_streams, ensure_reply_stream, ensure_request_stream, wait_for_messages
+
+# The display helpers need pandas and matplotlib, which take a second to import: load them on first
+# use, so the command line and responders start fast.
+_DISPLAY = ("Arrow", "SequenceDiagram", "Wiretap", "replies_table", "stream_state", "stream_table")
+
+
+def __getattr__(name: str):
+    if name in _DISPLAY:
+        from . import display
+
+        return getattr(display, name)
+    raise AttributeError(f"module 'js_request_reply' has no attribute {name!r}")
+
 
 __all__ = [
     "MENU",
