@@ -23,7 +23,7 @@ from .errors import (
 )
 from .menu import MENU, menu_handlers
 from .requester import Reply, ReplyError, Requester, request
-from .responder import Handled, Responder, terminate
+from .responder import Handled, Responder, request_id, terminate
 from .server import EmbeddedServer, server_url
 from .streams import delete_streams, ensure_reply_stream, ensure_request_stream, wait_for_messages
 
@@ -72,6 +72,7 @@ __all__ = [
     "menu_handlers",
     "replies_table",
     "request",
+    "request_id",
     "run_command",
     "server_url",
     "stream_state",

@@ -379,3 +379,11 @@ def _delivery_count(msg: Msg) -> int:
 async def terminate(msg: Msg, reason: str) -> None:
     """Terminate a JetStream message with a reason (nats-py's `Msg.term()` sends none)."""
     await msg._client.publish(msg.reply, b"+TERM " + reason.encode())
+
+
+def request_id(msg: Msg) -> str:
+    """The id of the request `msg` carries: the last token of its `Nats-Reply` subject.
+
+    It is the same on every redelivery, so a handler can key an effect on it to apply it once.
+    """
+    return p.request_id_of((msg.headers or {}).get(p.REPLY_HEADER, ""))
