@@ -110,3 +110,11 @@ async def test_reconnects_on_its_own_after_server_restart(fresh_server):
     assert reply.data == b"pong"
     assert nc.is_connected
     await nc.drain()
+
+
+async def test_a_bare_host_and_port_is_read_as_a_nats_url(nats_url):
+    nc = await jrr.connect(nats_url.removeprefix("nats://"))  # as nats-py and the nats CLI accept it
+    try:
+        assert nc.is_connected
+    finally:
+        await nc.drain()

@@ -25,11 +25,15 @@ def check_url(url: str) -> str:
     """Return `url` if it looks like a NATS URL, else raise ServerUnreachable saying what is wrong."""
     example = "expected something like nats://127.0.0.1:4222"
     for part in url.split(","):
-        parts = urlsplit(part.strip())
+        part = part.strip()
+        # nats-py reads a bare host:port as nats://host:port, and so does the nats CLI.
+        parts = urlsplit(part if "//" in part else f"nats://{part}")
         try:
             parts.port  # noqa: B018 - parsing the port is the check
         except ValueError:
-            raise ServerUnreachable(f"NATS_URL {url!r} has a port that is not a number; {example}") from None
+            raise ServerUnreachable(
+                f"NATS_URL {url!r} has a port that is not a number from 0 to 65535; {example}"
+            ) from None
         if parts.scheme not in SCHEMES or not parts.hostname:
             raise ServerUnreachable(f"NATS_URL {url!r} is not a NATS URL; {example}")
     return url

@@ -44,6 +44,10 @@ JS_ERR_STREAM_NOT_FOUND = 10059
 JS_ERR_CONSUMER_OVERLAP = 10100
 JS_ERR_CONSUMER_WQ_UNFILTERED = 10099  # a second unfiltered consumer on a work-queue stream
 
+# An error description is cut to this many bytes (UTF-8) before it goes into a header: the server
+# closes the connection of a client whose headers and payload together exceed max_payload.
+MAX_DESCRIPTION = 1024
+
 DEFAULT_REQUEST_STREAM = "REQUESTS"
 DEFAULT_REQUEST_SUBJECTS = ("requests.*",)
 DEFAULT_REPLY_STREAM = "REPLIES"
@@ -77,6 +81,14 @@ def seconds_past_deadline(headers: dict[str, str] | None) -> float | None:
         return None
     late = time.time() - int(raw) / 1000
     return late if late > 0 else None
+
+
+def fit_description(description: str, limit: int = MAX_DESCRIPTION) -> str:
+    """`description` cut to at most `limit` UTF-8 bytes, ending in '…' when cut."""
+    data = description.encode()
+    if len(data) <= limit:
+        return description
+    return data[: limit - len("…".encode())].decode(errors="ignore") + "…"
 
 
 def request_id_of(reply_subject: str) -> str:

@@ -116,6 +116,11 @@ def _inbox_for(nc: Client) -> _ReplyInbox:
     return inbox
 
 
+def header_size(headers: dict[str, str] | None) -> int:
+    """Bytes that `headers` take on the wire (`Name: value` and CRLF per header)."""
+    return sum(len(name.encode()) + len(str(value).encode()) + 4 for name, value in (headers or {}).items())
+
+
 def as_bytes(payload: bytes | str | None) -> bytes:
     """Accept bytes or str payloads; str is sent as UTF-8."""
     if payload is None:
@@ -299,11 +304,15 @@ class Requester:
         if not p.is_valid_publish_subject(subject):
             raise ValueError(f"subject {subject!r} is not a valid subject to publish to")
         data = as_bytes(payload)
-        limit = self.nc.max_payload - HEADER_ALLOWANCE
+        # The server counts headers and payload together, and closes the connection of a client that
+        # sends more than max_payload: the caller's own headers take their share of the limit too.
+        yours = header_size(headers)
+        limit = self.nc.max_payload - HEADER_ALLOWANCE - yours
         if len(data) > limit:
+            theirs = f", {yours} bytes of them your headers" if yours else ""
             raise PayloadTooLarge(
                 f"payload of {len(data)} bytes is over the limit of {limit} bytes "
-                f"(the server's max_payload of {self.nc.max_payload} less room for headers); not sent"
+                f"(the server's max_payload of {self.nc.max_payload} less room for headers{theirs}); not sent"
             )
         if self.mailbox:
             await self._open_mailbox()
@@ -331,6 +340,13 @@ class Requester:
             return f"{said}; the server did not confirm storing the request"
         if await delete_request(self.nc, stored):
             return f"{said}; the stored request ({stored.stream} #{stored.seq}) was deleted"
+        if stored.duplicate:
+            # The server remembers a msg_id for its duplicate window even after the message is gone, so
+            # a request retried with the msg_id of one deleted on timeout is dropped, and nobody answers it.
+            return (
+                f"{said}; it was not stored, being a duplicate (same msg_id) of {stored.stream} #{stored.seq}, "
+                "which had already left the stream; retry with a new msg_id"
+            )
         return f"{said}; a responder had already taken the request ({stored.stream} #{stored.seq})"
 
     # -- the mailbox --------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
-from .errors import Reject, StreamConflict, StreamNotFound
+from .errors import PayloadTooLarge, Reject, StreamConflict, StreamNotFound
+from .requester import HEADER_ALLOWANCE
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
@@ -136,13 +138,15 @@ class Responder:
         self._stopping = True
         self._pull_task.cancel()
         await asyncio.gather(self._pull_task, return_exceptions=True)
-        if self._round_end is not None:
+        closed = self.nc.is_closed  # a closed connection has no pull left open and nothing to unsubscribe
+        if self._round_end is not None and not closed:
             await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         for sub in (self._deliver_sub, self._advisory_sub):
-            if sub is not None:
-                await sub.unsubscribe()
+            if sub is not None and not closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
         self._deliver_sub = self._advisory_sub = self._pull_task = None
 
     async def __aenter__(self) -> Responder:
@@ -232,7 +236,8 @@ class Responder:
         reply_to = headers.get(p.REPLY_HEADER, "")
         delivery = _delivery_count(msg)
         if not p.is_valid_publish_subject(reply_to):
-            why = "no Nats-Reply header" if not reply_to else f"Nats-Reply {reply_to!r} is not a valid subject"
+            present = p.REPLY_HEADER in headers  # an empty header is there, but still names no subject
+            why = f"Nats-Reply {reply_to!r} is not a valid subject" if present else "no Nats-Reply header"
             await terminate(msg, f"{p.BAD_REQUEST} {why}")
             self._record(msg, "", "terminated", why, delivery)
             return
@@ -266,10 +271,19 @@ class Responder:
         if inspect.isawaitable(result):
             result = await result
         if isinstance(result, str):
-            return result.encode()
-        if isinstance(result, bytes | bytearray):
-            return bytes(result)
-        raise TypeError(f"handler returned {type(result).__name__}, expected bytes or str")
+            result = result.encode()
+        if not isinstance(result, bytes | bytearray):
+            returned = "None" if result is None else type(result).__name__
+            raise TypeError(f"handler returned {returned}, expected bytes or str")
+        # Refused here, as a 500, rather than by nats-py (an exception nobody sees, the request left
+        # unanswered) or by the server (which closes the connection on a reply with its headers over max_payload).
+        limit = self.nc.max_payload - HEADER_ALLOWANCE
+        if len(result) > limit:
+            raise PayloadTooLarge(
+                f"reply of {len(result)} bytes is over the limit of {limit} bytes "
+                f"(the server's max_payload of {self.nc.max_payload} less room for headers)"
+            )
+        return bytes(result)
 
     def _handler_for(self, subject: str) -> Handler | None:
         if not isinstance(self.handlers, Mapping):
@@ -283,6 +297,7 @@ class Responder:
 
     async def _reject(self, msg, reply_to, request_id, code: int, description: str, delivery: int) -> None:
         """Send an error reply, then terminate the request so it leaves the work queue."""
+        description = p.fit_description(description)
         headers = {p.SERVICE_ERROR_HEADER: description, p.SERVICE_ERROR_CODE_HEADER: str(code)}
         if await self._send_reply(msg, reply_to, request_id, b"", headers, delivery):
             await terminate(msg, f"{code} {description}")

@@ -20,8 +20,10 @@ from .protocol import (
     ledger_bucket,
 )
 
-# Fields the server refuses to change on an existing stream.
-IMMUTABLE = ("retention", "storage")
+# Fields the server refuses to change on an existing stream (deny_delete cannot be turned off).
+IMMUTABLE = ("retention", "storage", "deny_delete")
+# Flags the server may leave out of a stream's config when false.
+FLAGS = ("allow_msg_ttl", "deny_delete")
 DEFAULT_REPLY_MAX_AGE = 24 * 3600.0  # a day: long enough for a requester to come back after lunch
 
 
@@ -39,9 +41,12 @@ async def ensure_request_stream(
     """Create or update the work-queue stream that stores requests, with per-message TTL allowed.
 
     Safe to call again: an equal stream is left alone, a compatible one is updated, and one whose
-    retention or storage differs raises StreamConflict saying what differs.
+    retention or storage differs, or that denies deleting messages, raises StreamConflict saying
+    what differs. (A requester deletes its stored request when it times out, and a responder one
+    that ran out of deliveries; a stream with deny_delete would keep them for responders to work on.)
     """
     config.setdefault("storage", StorageType.FILE)
+    config.setdefault("deny_delete", False)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, allow_msg_ttl=True, **config)
     return await _ensure_stream(jetstream(js), name, wanted, purpose="requests")
 
@@ -144,7 +149,7 @@ def _differences(have: StreamConfig, wanted: dict[str, Any]) -> list[tuple[str, 
         if isinstance(want, list | tuple) and current is not None:
             same = sorted(current) == sorted(want)
         else:
-            same = current == want or (field == "allow_msg_ttl" and bool(current) == bool(want))
+            same = current == want or (field in FLAGS and bool(current) == bool(want))
         if not same:
             out.append((field, current, want))
     return out
