@@ -7,6 +7,7 @@ import collections
 import contextlib
 import inspect
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
@@ -93,7 +94,8 @@ class Responder:
         self.on_handled = on_handled
         self.handled: collections.deque[Handled] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task] = set()
-        self._beats: set[asyncio.Task] = set()
+        self._running_handlers: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
+        self._keep_alive_task: asyncio.Task | None = None
         self._capacity = asyncio.Event()
         self._round_end: asyncio.Future | None = None
         self._round_left = 0
@@ -122,6 +124,7 @@ class Responder:
             cb=self._on_max_deliveries,
         )
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
+        self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name=f"keep-alive-{self.name}")
         return self
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -143,6 +146,9 @@ class Responder:
             await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self._keep_alive_task is not None:
+            self._keep_alive_task.cancel()
+            await asyncio.gather(self._keep_alive_task, return_exceptions=True)
         for sub in (self._deliver_sub, self._advisory_sub):
             if sub is not None and not closed:
                 with contextlib.suppress(nats.errors.Error):
@@ -247,7 +253,7 @@ class Responder:
             why = f"expired: the requester's deadline passed {late:.1f} s before a responder took it"
             await self._reject(msg, reply_to, request_id, p.EXPIRED, why, delivery)
             return
-        keep_alive = _KeepAlive(msg, self.ack_wait / 2, self._beats)
+        self._running_handlers[id(msg)] = (msg, time.monotonic())
         try:
             data = await self._call_handler(msg)
         except Reject as reject:
@@ -258,10 +264,24 @@ class Responder:
             await self._reject(msg, reply_to, request_id, p.HANDLER_FAILED, detail, delivery)
             return
         finally:
-            keep_alive.cancel()
+            del self._running_handlers[id(msg)]
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
             await msg.ack()
             self._record(msg, request_id, "replied", "", delivery)
+
+    async def _keep_alive_loop(self) -> None:
+        """Every third of ack_wait, send in-progress acks for handlers running longer than that.
+
+        One sweeper for all requests, rather than a timer each: most handlers finish long before.
+        """
+        interval = self.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)  # periodic work: there is no event to wait for
+            now = time.monotonic()
+            for msg, started in list(self._running_handlers.values()):
+                if now - started >= interval:
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.in_progress()
 
     async def _call_handler(self, msg: Msg) -> bytes:
         handler = self._handler_for(msg.subject)
@@ -366,29 +386,13 @@ class Responder:
             self.on_handled(handled)
 
 
-class _KeepAlive:
-    """In-progress acks every `interval` seconds while a slow handler runs, so ack_wait never runs out."""
-
-    def __init__(self, msg: Msg, interval: float, tasks: set[asyncio.Task]):
-        self._msg, self._interval, self._tasks = msg, interval, tasks
-        self._loop = asyncio.get_running_loop()
-        self._handle = self._loop.call_later(interval, self._beat)
-
-    def _beat(self) -> None:
-        task = self._loop.create_task(self._msg.in_progress())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._handle = self._loop.call_later(self._interval, self._beat)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
 def _delivery_count(msg: Msg) -> int:
-    try:
-        return msg.metadata.num_delivered
-    except Exception:
-        return 1
+    """The delivery count from the ack subject, without parsing all of nats-py's metadata (hot path)."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the form with
+    # <domain>.<account hash> after ACK and a random token at the end (12 tokens).
+    tokens = (msg.reply or "").split(".")
+    token = tokens[4] if len(tokens) == 9 else tokens[6] if len(tokens) >= 11 else ""
+    return int(token) if token.isdigit() else 1
 
 
 async def terminate(msg: Msg, reason: str) -> None:
