@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -102,6 +103,8 @@ async def serve(url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # The benchmark holds this process's stdin open; end of input means it is gone, so stop too.
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 1) else None)
     async with Responder(nc, {JS_SUBJECT: lambda msg: msg.data}, stream=STREAM, durable="bench", max_in_flight=256):
         await nc.flush()
         print(READY, flush=True)
@@ -113,8 +116,9 @@ async def serve(url: str) -> None:
 
 
 def _percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest sample with at least q of all samples at or below it."""
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 async def latency(one: Callable[[], Awaitable[object]], count: int, warmup: int) -> list[float]:
@@ -247,12 +251,13 @@ async def run_bench(
 ) -> Report:
     """Measure every variant against the server at `url`, with responders in a separate process."""
     nc = await connect(url, pending_size=64 * 1024 * 1024)
-    await _prepare(nc)
-    responders = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "js_request_reply.bench", "--serve", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    responders = None
     try:
+        await _prepare(nc)
+        responders = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "js_request_reply.bench", "--serve", url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
         await _wait_ready(responders)
         rows = []
         calls = _variants(nc)
@@ -273,21 +278,33 @@ async def run_bench(
         mem = await memory(nc, memory_in_flight) if memory_in_flight else None
         return Report(_machine(), requests, list(concurrency), rows, mem)
     finally:
-        responders.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(responders.wait(), 10)
-        except TimeoutError:
-            responders.kill()
-            await responders.wait()
+        if responders is not None:
+            await _stop(responders)
         with contextlib.suppress(Exception):
             await delete_streams(nc.jetstream(), STREAM, REPLY_STREAM)
         await nc.drain()
 
 
 async def _wait_ready(process: asyncio.subprocess.Process, timeout: float = 20.0) -> None:
+    """Wait for the responders' ready line, then keep reading their output so a full pipe never stalls them."""
     line = (await asyncio.wait_for(process.stdout.readline(), timeout)).decode(errors="replace")
     if READY not in line:
         raise RuntimeError(f"the bench responders did not start: {line.strip() or 'no output'}")
+    process.drain_task = asyncio.create_task(process.stdout.read())  # type: ignore[attr-defined]
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), 10)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+    drain = getattr(process, "drain_task", None)
+    if drain is not None:
+        drain.cancel()
+        await asyncio.gather(drain, return_exceptions=True)
 
 
 def _add_ratios(rows: list[Row]) -> None:
@@ -310,6 +327,38 @@ def _machine() -> dict[str, str]:
         "cpus": str(os.cpu_count()),
         "max_rss_mb": str(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)),
     }
+
+
+def report_table(report: Report):
+    """The rows as a pandas DataFrame: latency, throughput at each number in flight, and ratios to core."""
+    import pandas as pd  # only the notebook needs it
+
+    rows = []
+    for row in report.rows:
+        line = {"variant": row.variant, "p50 (ms)": row.p50_ms, "p99 (ms)": row.p99_ms, "p50 × core": row.p50_ratio}
+        for n in report.concurrency:
+            line[f"{n} in flight (req/s)"] = round(row.throughput[n])
+            line[f"{n} in flight × core"] = row.throughput_ratio[n]
+        rows.append(line)
+    return pd.DataFrame(rows)
+
+
+def memory_table(memory: Memory):
+    """The memory figures as a one-row pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "in flight": memory.in_flight,
+                "RSS before (MB)": memory.rss_before_mb,
+                "RSS at peak (MB)": memory.rss_peak_mb,
+                "RSS after (MB)": memory.rss_after_mb,
+                "RSS after a second burst (MB)": memory.rss_after_second_burst_mb,
+                "per request (KB)": memory.per_request_kb,
+            }
+        ]
+    )
 
 
 def format_report(report: Report) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import re
 import shutil
@@ -133,7 +134,12 @@ class EmbeddedServer:
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Linux signals the death of the starting *thread*, so only the main thread asks for it.
+            preexec_fn=_die_with_parent if on_linux_main_thread() else None,
         )
         self._wait_ready(log_path)
         return self
@@ -205,6 +211,24 @@ class EmbeddedServer:
         raise ServerStartFailed(
             f"nats-server did not become ready on port {self.port} within {self.ready_timeout}s:\n{_tail(log_path)}"
         )
+
+
+def on_linux_main_thread() -> bool:
+    """True where a started server can be tied to the life of this process (see _die_with_parent)."""
+    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM the server when the process that started it dies.
+
+    atexit cannot run when that process is killed (a crashed kernel, a SIGKILL in a chaos run), and
+    an orphaned server would hold its port and store for ever.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _tail(path: Path, lines: int = 15) -> str:
