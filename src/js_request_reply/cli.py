@@ -1,4 +1,4 @@
-"""The command line: `python -m js_request_reply server | responder | request | collect | lab`."""
+"""The command line: `python -m js_request_reply server | responder | request | collect | chaos | bench | lab`."""
 
 from __future__ import annotations
 
@@ -162,6 +162,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
             server.close()
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from .chaos import command  # loaded on use: the other commands start without it
+
+    return command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_main  # loaded on use, like chaos
+
+    url = args.url or os.environ.get("NATS_URL", "").strip() or None  # None: a fresh embedded server
+    return asyncio.run(bench_main(url, quick=args.quick, emit_json=args.json, requests=args.requests))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m js_request_reply", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -194,6 +207,29 @@ def parser() -> argparse.ArgumentParser:
     collect.add_argument("--mailbox", required=True)
     collect.add_argument("--timeout", type=float, default=5.0)
     collect.set_defaults(run=lambda args: asyncio.run(_collect(args)))
+
+    chaos = commands.add_parser(
+        "chaos", help="kill responders and restart a server of its own mid-run; count what was lost (exit 1 if any)"
+    )
+    chaos.add_argument("--requests", type=int, default=200, help="how many requests to send (default 200)")
+    chaos.add_argument("--responders", type=int, default=3, help="responder processes (default 3)")
+    chaos.add_argument("--kills", type=int, default=None, help="SIGKILLs at random points (default max(2, N/100))")
+    chaos.add_argument("--server-restarts", type=int, default=1, help="server restarts mid-run (default 1)")
+    chaos.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
+    chaos.add_argument("--timeout", type=float, default=300.0, help="seconds until the rest counts as lost")
+    chaos.add_argument("--ack-wait", type=float, default=2.0, help="responders' ack_wait: redelivery after a kill")
+    chaos.add_argument("--max-deliver", type=int, default=10, help="deliveries before a request is given up")
+    chaos.add_argument("--json", action="store_true", help="print the counts as JSON instead of a table")
+    chaos.set_defaults(run=cmd_chaos)
+
+    bench = commands.add_parser(
+        "bench", help="JetStream request-reply against core request-reply, in one run, as ratios"
+    )
+    bench.add_argument("--url", default=None, help="server URL (default: NATS_URL, else a fresh embedded server)")
+    bench.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
+    bench.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works")
+    bench.add_argument("--requests", type=int, default=None, help="requests per measurement (default 2000)")
+    bench.set_defaults(run=cmd_bench)
 
     lab = commands.add_parser(
         "lab", help="open JupyterLab on the notebooks with NATS_URL set (other options go to jupyter lab)"
