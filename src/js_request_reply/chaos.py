@@ -9,6 +9,7 @@ The handlers have a side effect: each publishes one message to `effects.<request
 EFFECTS stream, with the request id as `Nats-Msg-Id`, before returning its reply. A responder killed
 between the effect and the ack makes the request run again elsewhere; the stream's duplicate window
 stores the effect once. EFFECTS holding more messages than request ids would be a duplicate effect.
+Every handler run is recorded too, as `runs.<request-id>.<delivery>` in RUNS, to count redeliveries.
 
 The run always owns its server (a temporary file store, loopback only), whatever NATS_URL says.
 `run_chaos()` does it in-process; `python -m js_request_reply.chaos responder` is one responder process.
@@ -389,6 +390,20 @@ class _Run:
                 report.mismatched += 1
                 report.problems.append(f"{request.request_id} was answered without its effect")
 
+    async def trace_lost(self, js: JetStreamContext, planned: list[Planned]) -> None:
+        """Say where the lost requests are: a reply stored but never handed over, or no reply at all."""
+        lost = {request.request_id for request in planned if request.request_id not in self.outcomes}
+        if not lost:
+            return
+        stored = await js.stream_info(p.DEFAULT_REPLY_STREAM, subjects_filter=f"{p.DEFAULT_REPLY_PREFIX}.{MAILBOX}.>")
+        with_reply = lost & {p.request_id_of(subject) for subject in stored.state.subjects or {}}
+        mailbox = await js.consumer_info(p.DEFAULT_REPLY_STREAM, f"mailbox-{MAILBOX}")
+        self.report.problems.append(
+            f"of the {len(lost)} lost, {len(with_reply)} have a reply stored in {p.DEFAULT_REPLY_STREAM} "
+            f"(mailbox consumer: {mailbox.num_pending} pending, {mailbox.num_ack_pending} awaiting ack); "
+            f"the other {len(lost) - len(with_reply)} have none"
+        )
+
 
 def _outcome(reply: Reply) -> str:
     return "answered" if reply.error is None else f"{reply.error.code} {reply.error.description}"
@@ -491,6 +506,7 @@ async def run_chaos(
             await pool.stop()  # let handlers in flight finish before counting their effects
             run.count_outcomes(planned)
             await run.count_effects(js, planned)
+            await run.trace_lost(js, planned)
         finally:
             for task in tasks:
                 task.cancel()

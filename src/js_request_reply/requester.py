@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -242,32 +243,75 @@ class Requester:
     async def collect(self, timeout: float = 5.0) -> list[Reply]:
         """Every reply stored for this mailbox that no earlier `collect()` returned, oldest first.
 
-        Each reply is acknowledged as it is handed over, so it leaves REPLIES and is never
-        handed over twice. A request sent with `send()` that has left the request stream with no
-        reply (its TTL passed before any responder took it) comes back as an expired Reply, error
-        code 408, so nothing the mailbox sent is silently lost. Requests still waiting are not
-        listed. Waits at most `timeout` seconds; returns [] when nothing is waiting.
+        Each reply is acknowledged as it is handed over, so it leaves REPLIES and is never handed
+        over twice. A request sent with `send()` that has left the request stream with no reply
+        (its TTL passed before any responder took it) comes back as an expired Reply, error code
+        408, so nothing the mailbox sent is silently lost. Requests still waiting are not listed.
+        Waits at most `timeout` seconds; returns [] when nothing is waiting.
+
+        A reply is handed over in steps that are each safe to repeat: the ledger notes it as handed
+        over (with the reply's stream sequence), then the reply is acked, then the request's entry
+        is purged. A step that fails leaves the reply for the next collect(), never lost. A second
+        reply to a request already handed over (stored again after a server restart made REPLIES
+        forget its Nats-Msg-Id) is acked and dropped.
         """
         if not self.mailbox:
             raise ValueError("collect() needs a mailbox: Requester(nc, mailbox='alice')")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        vanished: dict[str, dict] = {}
         try:
-            async with asyncio.timeout(timeout):
-                # Look for vanished requests before fetching replies: a responder sends its reply
-                # before it acks, so a request gone by now has its reply stored by now, if it has one.
+            async with asyncio.timeout_at(deadline):
                 sent = await self._sent_entries()
-                vanished = {rid: entry for rid, entry in sent.items() if not await _still_stored(self.nc, entry)}
+                with_reply = await self._stored_reply_ids()
+                for rid, entry in sent.items():
+                    if rid not in with_reply and not await _still_stored(self.nc, entry):
+                        vanished[rid] = entry
                 await self._fetch_waiting()
-        except TimeoutError:
-            vanished = {}  # hand over what arrived in time; the rest stays stored for the next collect()
-        fetched, self._fetched = self._fetched, {}
-        ordered = sorted(fetched.values(), key=lambda msg: msg.metadata.sequence.stream)
-        # Confirmed acks: once collect() returns, no other collect() can be handed these replies.
-        await asyncio.gather(*(msg.ack_sync(timeout=max(timeout, 1)) for msg in ordered))
-        replies = [Reply.from_msg(msg) for msg in ordered]
-        answered = {reply.request_id for reply in replies}
-        expired = [self._expired(rid, entry) for rid, entry in vanished.items() if rid not in answered]
-        await self._forget_sent([*answered, *(reply.request_id for reply in expired)])
-        return replies + expired
+        except (TimeoutError, nats.errors.Error, OSError):
+            vanished = {}  # hand over what was fetched; the rest is found by the next collect()
+        handed: list[Reply] = []
+        try:
+            async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
+                for msg in sorted(self._fetched.values(), key=lambda msg: msg.metadata.sequence.stream):
+                    rid, seq = p.request_id_of(msg.subject), msg.metadata.sequence.stream
+                    done = await self._handed_over(rid)
+                    if done is None:
+                        await self._note_handed_over(rid, {"seq": seq})
+                    if done is None or done.get("seq") == seq:
+                        await msg.ack_sync()
+                        handed.append(Reply.from_msg(msg))
+                    else:
+                        await msg.ack_sync()  # a second reply to a request already handed over: drop it
+                    self._fetched.pop(rid, None)
+                    vanished.pop(rid, None)
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self._forget_sent([rid])
+                for rid, entry in vanished.items():
+                    if await self._handed_over(rid) is None:
+                        await self._note_handed_over(rid, {"expired": True})
+                        handed.append(self._expired(rid, entry))
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self._forget_sent([rid])
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass  # what was not handed over stays in self._fetched, or in the ledger, for the next collect()
+        return handed
+
+    async def _stored_reply_ids(self) -> set[str]:
+        """Ids of requests whose reply is stored in REPLIES now (waiting, or delivered and not yet acked)."""
+        filter_subject = f"{self.reply_prefix}.{self.mailbox}.>"
+        info = await self.nc.jetstream().stream_info(self.reply_stream, subjects_filter=filter_subject)
+        return {p.request_id_of(subject) for subject in info.state.subjects or {}}
+
+    async def _handed_over(self, request_id: str) -> dict | None:
+        """How a request's outcome was handed over ({"seq": reply's sequence} or {"expired": True}), or None."""
+        try:
+            return json.loads((await (await self._ledger()).get(f"{self.mailbox}.done.{request_id}")).value)
+        except KeyNotFoundError:
+            return None
+
+    async def _note_handed_over(self, request_id: str, how: dict) -> None:
+        await (await self._ledger()).put(f"{self.mailbox}.done.{request_id}", json.dumps(how).encode())
 
     async def close(self) -> None:
         """Drop the mailbox subscription (the durable mailbox and its replies stay on the server)."""
@@ -363,6 +407,8 @@ class Requester:
 
     async def _note_sent(self, request_id: str, subject: str, stored: Stored, ttl: float | None) -> None:
         """Write down what was sent, so any later collect() can report it if it expires unanswered."""
+        if await self._handed_over(request_id) is not None:
+            return  # a send retried after its outcome was handed over: do not make it wait again
         entry = {"subject": subject, "stream": stored.stream, "seq": stored.seq, "ttl": ttl}
         await (await self._ledger()).put(f"{self.mailbox}.{request_id}", json.dumps(entry).encode())
 
