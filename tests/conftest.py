@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from support import make_mailboxes, make_queue
 
 import js_request_reply as jrr
 
@@ -33,3 +34,27 @@ def fresh_server(tmp_path):
     """A server of the test's own, for tests that restart it or need it empty."""
     with jrr.EmbeddedServer(store_dir=tmp_path / "store") as server:
         yield server
+
+
+@pytest.fixture
+async def queue(js):
+    """A request stream of the test's own."""
+    queue = await make_queue(js)
+    yield queue
+    await jrr.delete_streams(js, queue.stream)
+
+
+@pytest.fixture
+async def mailboxes(js):
+    """A reply stream (and ledger) of the test's own, with its own subject prefix."""
+    boxes = await make_mailboxes(js)
+    yield boxes
+    await jrr.delete_streams(js, boxes.stream)
+
+
+@pytest.fixture
+async def other_nc(nats_url):
+    """A second connection, as a second responder process would have."""
+    client = await jrr.connect(nats_url)
+    yield client
+    await client.drain()

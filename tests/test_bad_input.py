@@ -10,70 +10,13 @@ import asyncio
 import json
 import os
 import sys
-import uuid
-from dataclasses import dataclass
 
 import pytest
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from support import Queue, make_mailboxes, make_queue, messages_in, unique
 
 import js_request_reply as jrr
 from js_request_reply.server import free_port
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class Queue:
-    stream: str
-    prefix: str
-
-    def subject(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-
-@dataclass
-class Mailboxes:
-    stream: str
-    prefix: str
-
-    def requester(self, nc, mailbox: str) -> jrr.Requester:
-        return jrr.Requester(nc, mailbox=mailbox, reply_stream=self.stream, reply_prefix=self.prefix)
-
-
-async def messages_in(js, stream: str) -> int:
-    return (await js.stream_info(stream)).state.messages
-
-
-async def make_queue(js) -> Queue:
-    suffix = uuid.uuid4().hex[:10]
-    queue = Queue(f"BQ_{suffix}", f"bq{suffix}")
-    await jrr.ensure_request_stream(js, queue.stream, [f"{queue.prefix}.*"])
-    return queue
-
-
-async def make_mailboxes(js) -> Mailboxes:
-    suffix = uuid.uuid4().hex[:10]
-    boxes = Mailboxes(f"BR_{suffix}", f"br{suffix}")
-    await jrr.ensure_reply_stream(js, boxes.stream, [f"{boxes.prefix}.>"])
-    return boxes
-
-
-@pytest.fixture
-async def queue(js):
-    """A request stream of the test's own."""
-    queue = await make_queue(js)
-    yield queue
-    await jrr.delete_streams(js, queue.stream)
-
-
-@pytest.fixture
-async def mailboxes(js):
-    """A reply stream (and ledger) of the test's own."""
-    boxes = await make_mailboxes(js)
-    yield boxes
-    await jrr.delete_streams(js, boxes.stream)
 
 
 @pytest.fixture

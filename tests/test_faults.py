@@ -16,16 +16,12 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from nats.aio.msg import Msg
+from support import Mailboxes, Queue, messages_in, unique
 
 import js_request_reply as jrr
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 def now_ms() -> int:
@@ -35,56 +31,6 @@ def now_ms() -> int:
 def within(deadline: str, seconds: float, before_ms: int, after_ms: int) -> bool:
     """True if a Nats-Deadline was set to now + `seconds` at some moment in [before_ms, after_ms] (1 ms rounding)."""
     return before_ms + seconds * 1000 - 1 <= int(deadline) <= after_ms + seconds * 1000 + 1
-
-
-@dataclass
-class Queue:
-    stream: str
-    prefix: str
-
-    def subject(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-
-@dataclass
-class Mailboxes:
-    stream: str
-    prefix: str
-
-    def requester(self, nc, mailbox: str) -> jrr.Requester:
-        return jrr.Requester(nc, mailbox=mailbox, reply_stream=self.stream, reply_prefix=self.prefix)
-
-
-async def messages_in(js, stream: str) -> int:
-    return (await js.stream_info(stream)).state.messages
-
-
-@pytest.fixture
-async def queue(js):
-    """A request stream of the test's own."""
-    suffix = uuid.uuid4().hex[:10]
-    queue = Queue(f"FQ_{suffix}", f"fq{suffix}")
-    await jrr.ensure_request_stream(js, queue.stream, [f"{queue.prefix}.*"])
-    yield queue
-    await jrr.delete_streams(js, queue.stream)
-
-
-@pytest.fixture
-async def mailboxes(js):
-    """A reply stream (and ledger) of the test's own, with its own subject prefix."""
-    suffix = uuid.uuid4().hex[:10]
-    boxes = Mailboxes(f"FR_{suffix}", f"fr{suffix}")
-    await jrr.ensure_reply_stream(js, boxes.stream, [f"{boxes.prefix}.>"])
-    yield boxes
-    await jrr.delete_streams(js, boxes.stream)
-
-
-@pytest.fixture
-async def other_nc(nats_url):
-    """A second connection, as a second responder process would have."""
-    client = await jrr.connect(nats_url)
-    yield client
-    await client.drain()
 
 
 class Calls:

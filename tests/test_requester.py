@@ -6,55 +6,13 @@ import asyncio
 import gc
 import uuid
 import weakref
-from dataclasses import dataclass
 
 import nats.errors
 import pytest
 from nats.js.api import DiscardPolicy
+from support import Queue, messages_in
 
 import js_request_reply as jrr
-
-
-@dataclass
-class Queue:
-    stream: str
-    prefix: str
-
-    def subject(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-
-@dataclass
-class Mailboxes:
-    stream: str
-    prefix: str
-
-    def requester(self, nc, mailbox: str) -> jrr.Requester:
-        return jrr.Requester(nc, mailbox=mailbox, reply_stream=self.stream, reply_prefix=self.prefix)
-
-
-async def messages_in(js, stream: str) -> int:
-    return (await js.stream_info(stream)).state.messages
-
-
-@pytest.fixture
-async def queue(js):
-    """A request stream of the test's own."""
-    suffix = uuid.uuid4().hex[:10]
-    queue = Queue(f"RQ_{suffix}", f"rq{suffix}")
-    await jrr.ensure_request_stream(js, queue.stream, [f"{queue.prefix}.*"])
-    yield queue
-    await js.delete_stream(queue.stream)
-
-
-@pytest.fixture
-async def mailboxes(js):
-    """A reply stream of the test's own, with its own subject prefix."""
-    suffix = uuid.uuid4().hex[:10]
-    boxes = Mailboxes(f"RP_{suffix}", f"rp{suffix}")
-    await jrr.ensure_reply_stream(js, boxes.stream, [f"{boxes.prefix}.>"])
-    yield boxes
-    await jrr.delete_streams(js, boxes.stream)
 
 
 def responder(nc, queue: Queue, handlers, **options) -> jrr.Responder:

@@ -4,42 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
 
 import pytest
+from support import Queue, messages_in
 
 import js_request_reply as jrr
-
-
-@dataclass
-class Queue:
-    stream: str
-    prefix: str
-
-    def subject(self, name: str) -> str:
-        return f"{self.prefix}.{name}"
-
-
-async def messages_in(js, stream: str) -> int:
-    return (await js.stream_info(stream)).state.messages
-
-
-@pytest.fixture
-async def queue(js):
-    """A request stream of the test's own."""
-    suffix = uuid.uuid4().hex[:10]
-    queue = Queue(f"RS_{suffix}", f"rs{suffix}")
-    await jrr.ensure_request_stream(js, queue.stream, [f"{queue.prefix}.*"])
-    yield queue
-    await js.delete_stream(queue.stream)
-
-
-@pytest.fixture
-async def other_nc(nats_url):
-    """A second connection, as a second responder process would have."""
-    client = await jrr.connect(nats_url)
-    yield client
-    await client.drain()
 
 
 def responder(nc, queue: Queue, handlers, **options) -> jrr.Responder:
