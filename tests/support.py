@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
@@ -50,3 +51,28 @@ async def make_mailboxes(js) -> Mailboxes:
     boxes = Mailboxes(f"R_{suffix}", f"r{suffix}")
     await jrr.ensure_reply_stream(js, boxes.stream, [f"{boxes.prefix}.>"])
     return boxes
+
+
+class Outcomes:
+    """An `on_handled` callback that lets a test wait, bounded, for the Handled records it expects."""
+
+    def __init__(self, timeout: float = 20.0) -> None:
+        self.records: list[jrr.Handled] = []
+        self.timeout = timeout
+        self._changed = asyncio.Event()
+
+    def __call__(self, handled: jrr.Handled) -> None:
+        self.records.append(handled)
+        self._changed.set()
+
+    async def wait_until(self, condition) -> None:
+        """Until `condition(records)` holds, at most `timeout` seconds."""
+        async with asyncio.timeout(self.timeout):
+            while not condition(self.records):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for(self, condition) -> jrr.Handled:
+        """The first record for which `condition(record)` holds, once there is one."""
+        await self.wait_until(lambda records: any(condition(h) for h in records))
+        return next(h for h in self.records if condition(h))

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from support import Queue, make_mailboxes, make_queue, messages_in, unique
+from support import Outcomes, Queue, make_mailboxes, make_queue, messages_in, unique
 
 import js_request_reply as jrr
 from js_request_reply.server import free_port
@@ -37,30 +37,6 @@ async def small(small_server):
     yield client, queue, boxes
     await jrr.delete_streams(js, queue.stream, boxes.stream)
     await client.drain()
-
-
-class Outcomes:
-    """An `on_handled` callback that lets a test wait, bounded, for the Handled record of a subject."""
-
-    def __init__(self) -> None:
-        self.records: list[jrr.Handled] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, handled: jrr.Handled) -> None:
-        self.records.append(handled)
-        self._changed.set()
-
-    async def wait_for(self, subject: str, timeout: float = 10.0) -> jrr.Handled:
-        """The first record for `subject`, once there is one."""
-        await self.wait_until(lambda records: any(h.subject == subject for h in records), timeout)
-        return next(h for h in self.records if h.subject == subject)
-
-    async def wait_until(self, condition, timeout: float = 10.0) -> None:
-        """Until `condition(records)` holds."""
-        async with asyncio.timeout(timeout):
-            while not condition(self.records):
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def serving(nc, queue: Queue, handlers: dict, **options) -> jrr.Responder:
@@ -107,10 +83,10 @@ async def run_cli(*args: str, url: str) -> tuple[int, str, str]:
 
 async def test_request_without_nats_reply_is_terminated_saying_so(nc, js, queue):
     advisories = await terminated_advisories(nc, queue)
-    outcomes = Outcomes()
+    outcomes = Outcomes(timeout=10)
     async with serving(nc, queue, {}, on_handled=outcomes):
         await js.publish(queue.subject("raw"), b"who do I answer?")  # plain JetStream publish: no Nats-Reply
-        handled = await outcomes.wait_for(queue.subject("raw"))
+        handled = await outcomes.wait_for(lambda h: h.subject == queue.subject("raw"))
         await still_answers(nc, queue)
 
     assert (handled.outcome, handled.detail) == ("terminated", "no Nats-Reply header")
@@ -121,10 +97,10 @@ async def test_request_without_nats_reply_is_terminated_saying_so(nc, js, queue)
 @pytest.mark.parametrize("reply_to", ["*", "replies.>", "replies.*.x", "has space", "a..b", "trailing.", ""])
 async def test_nats_reply_that_is_not_a_publish_subject_is_terminated_naming_it(nc, js, queue, reply_to):
     advisories = await terminated_advisories(nc, queue)
-    outcomes = Outcomes()
+    outcomes = Outcomes(timeout=10)
     async with serving(nc, queue, {}, on_handled=outcomes):
         await js.publish(queue.subject("raw"), b"answer where?", headers={"Nats-Reply": reply_to})
-        handled = await outcomes.wait_for(queue.subject("raw"))
+        handled = await outcomes.wait_for(lambda h: h.subject == queue.subject("raw"))
         await still_answers(nc, queue)
 
     why = f"Nats-Reply {reply_to!r} is not a valid subject"
@@ -167,7 +143,7 @@ async def test_a_mailbox_only_ever_reads_its_own_replies(nc, js, queue, mailboxe
     # "alice-2" starts with "alice": a prefix must not be enough to read someone else's replies.
     names = {name: unique(name) for name in ("alice", "bob")}
     names["alice-2"] = names["alice"] + "-2"
-    outcomes = Outcomes()
+    outcomes = Outcomes(timeout=10)
     sent = {}
     async with serving(nc, queue, {queue.subject("greet"): lambda msg: b"hi " + msg.data}, on_handled=outcomes):
         for name, mailbox in names.items():
@@ -457,15 +433,15 @@ async def test_one_responder_survives_every_bad_input_in_a_row(nc, js, queue):
         queue.subject("text"): lambda msg: msg.data.decode(),
         queue.subject("big"): lambda msg: b"z" * nc.max_payload,
     }
-    outcomes = Outcomes()
+    outcomes = Outcomes(timeout=10)
     async with serving(nc, queue, handlers, on_handled=outcomes, name="till") as responder:
         await js.publish(queue.subject("no-reply"), b"")
         await js.publish(queue.subject("bad-reply"), b"", headers={"Nats-Reply": "replies.>"})
         for name, payload in [("broken", b""), ("none", b""), ("text", NOT_UTF8), ("big", b""), ("unknown", b"")]:
             with pytest.raises(jrr.RequestRejected):
                 await jrr.request(nc, queue.subject(name), payload, timeout=5)
-        await outcomes.wait_for(queue.subject("bad-reply"))
-        await outcomes.wait_for(queue.subject("no-reply"))
+        await outcomes.wait_for(lambda h: h.subject == queue.subject("bad-reply"))
+        await outcomes.wait_for(lambda h: h.subject == queue.subject("no-reply"))
         await still_answers(nc, queue)
         assert responder.running
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from nats.aio.msg import Msg
-from support import Mailboxes, Queue, messages_in, unique
+from support import Mailboxes, Outcomes, Queue, messages_in, unique
 
 import js_request_reply as jrr
 
@@ -42,27 +42,6 @@ class Calls:
     def __call__(self, msg: Msg) -> bytes:
         self.seen.append((jrr.request_id(msg), msg.metadata.num_delivered))
         return b"hello " + msg.data
-
-
-class Outcomes:
-    """An `on_handled` callback that lets a test wait, bounded, until a Handled record matching a condition arrives."""
-
-    def __init__(self) -> None:
-        self.records: list[jrr.Handled] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, handled: jrr.Handled) -> None:
-        self.records.append(handled)
-        self._changed.set()
-
-    async def wait_for(self, condition, timeout: float = 20.0) -> jrr.Handled:
-        async with asyncio.timeout(timeout):
-            while True:
-                for handled in self.records:
-                    if condition(handled):
-                        return handled
-                self._changed.clear()
-                await self._changed.wait()
 
 
 @contextlib.contextmanager
