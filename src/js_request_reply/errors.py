@@ -29,6 +29,10 @@ class StreamConflict(JsRequestReplyError):
     """A stream with this name exists with a configuration that cannot serve this purpose."""
 
 
+class NotClustered(StreamConflict):
+    """A stream asked for more than one replica on a server that is not part of a JetStream cluster."""
+
+
 class NoRequestStream(JsRequestReplyError):
     """No stream captures the request subject, so the request could not be stored."""
 

@@ -43,6 +43,7 @@ JS_ERR_NO_MESSAGE_FOUND = 10037
 JS_ERR_STREAM_NOT_FOUND = 10059
 JS_ERR_CONSUMER_OVERLAP = 10100
 JS_ERR_CONSUMER_WQ_UNFILTERED = 10099  # a second unfiltered consumer on a work-queue stream
+JS_ERR_REPLICAS_NOT_CLUSTERED = 10074  # replicas > 1 on a server that is not part of a cluster
 
 # An error description is cut to this many bytes (UTF-8) before it goes into a header: the server
 # closes the connection of a client whose headers and payload together exceed max_payload.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from asyncio import FIRST_COMPLETED
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,13 @@ from .errors import (
     RequestRejected,
     RequestTimeout,
 )
+from .failover import UNAVAILABLE, Backoff, is_leaderless, while_electing
 
+# Why a request was not stored although a stream captures its subject.
+LEADERLESS = (
+    "; the stream that captures it had no leader all that time (a server of its cluster was lost, and "
+    "the others were electing a new leader), so retry"
+)
 MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
 HEADER_ALLOWANCE = 512  # bytes kept free under max_payload for our headers
 
@@ -75,6 +82,14 @@ class Stored:
     stream: str
     seq: int
     duplicate: bool = False
+
+
+@dataclass
+class _Attempt:
+    """What one request got to before its deadline, for a timeout message that says why."""
+
+    stored: Stored | None = None
+    leaderless: bool = False  # a stream captures the subject, but had no leader to store the request
 
 
 class _ReplyInbox:
@@ -163,6 +178,7 @@ class Requester:
         self._inbox = _inbox_for(nc)
         self._mailbox_sub: Any = None
         self._fetch_lock = asyncio.Lock()
+        self._kv: Any = None  # the mailbox ledger, once opened
         self._fetched: dict[str, Msg] = {}  # mailbox replies fetched but not yet handed over
 
     # -- requesting ---------------------------------------------------------------------------------
@@ -189,11 +205,11 @@ class Requester:
         request_id = self._request_id(msg_id)
         reply_subject = self._reply_subject(request_id)
         reply_future = None if self.mailbox else self._inbox.expect(request_id)
-        stored: Stored | None = None
+        attempt = _Attempt()
         try:
             async with asyncio.timeout_at(deadline):
-                stored = await self._store(
-                    subject, payload, request_id, reply_subject, headers, ttl, msg_id, wait=timeout
+                await self._store(
+                    subject, payload, request_id, reply_subject, headers, ttl, msg_id, attempt, timeout, reply_future
                 )
                 if reply_future is not None:
                     msg = await reply_future
@@ -204,7 +220,7 @@ class Requester:
                     raise RequestRejected(reply.error.code, reply.error.description, subject)
                 return reply
         except TimeoutError:
-            raise RequestTimeout(await self._timed_out(subject, timeout, stored)) from None
+            raise RequestTimeout(await self._timed_out(subject, timeout, attempt)) from None
         finally:
             self._inbox.forget(request_id, request_id + ".ack")
 
@@ -227,15 +243,21 @@ class Requester:
                 "send() needs a mailbox, so the reply has somewhere to wait: Requester(nc, mailbox='alice')"
             )
         request_id = self._request_id(msg_id)
+        attempt = _Attempt()
         try:
             async with asyncio.timeout(timeout):
                 reply_subject = self._reply_subject(request_id)
-                stored = await self._store(subject, payload, request_id, reply_subject, headers, ttl, msg_id)
-                await self._note_sent(request_id, subject, stored, ttl)
+                await self._store(subject, payload, request_id, reply_subject, headers, ttl, msg_id, attempt)
+                await self._note_sent(request_id, subject, attempt.stored, ttl)
         except TimeoutError:
-            raise RequestTimeout(
-                f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
-            ) from None
+            if attempt.stored is not None:
+                raise RequestTimeout(
+                    f"the request to {subject!r} was stored ({attempt.stored.stream} #{attempt.stored.seq}), but the "
+                    f"mailbox ledger did not confirm noting it within {timeout:g}s (its stream may have no leader "
+                    "now); its reply will still be stored in the mailbox"
+                ) from None
+            said = f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
+            raise RequestTimeout(f"{said}{LEADERLESS if attempt.leaderless else ''}") from None
         finally:
             self._inbox.forget(request_id + ".ack")
         return request_id
@@ -305,13 +327,15 @@ class Requester:
 
     async def _handed_over(self, request_id: str) -> dict | None:
         """How a request's outcome was handed over ({"seq": reply's sequence} or {"expired": True}), or None."""
+        ledger = await self._ledger()
         try:
-            return json.loads((await (await self._ledger()).get(f"{self.mailbox}.done.{request_id}")).value)
+            return json.loads((await while_electing(lambda: ledger.get(f"{self.mailbox}.done.{request_id}"))).value)
         except KeyNotFoundError:
             return None
 
     async def _note_handed_over(self, request_id: str, how: dict) -> None:
-        await (await self._ledger()).put(f"{self.mailbox}.done.{request_id}", json.dumps(how).encode())
+        ledger = await self._ledger()
+        await while_electing(lambda: ledger.put(f"{self.mailbox}.done.{request_id}", json.dumps(how).encode()))
 
     async def close(self) -> None:
         """Drop the mailbox subscription (the durable mailbox and its replies stay on the server)."""
@@ -339,11 +363,17 @@ class Requester:
             return p.mailbox_subject(self.mailbox, request_id, self.reply_prefix)
         return self._inbox.prefix + request_id
 
-    async def _store(self, subject, payload, request_id, reply_subject, headers, ttl, msg_id, wait=None) -> Stored:
+    async def _store(
+        self, subject, payload, request_id, reply_subject, headers, ttl, msg_id, attempt, wait=None, reply=None
+    ) -> None:
         """Publish the request with its reply subject in `Nats-Reply`, and wait for the stream's PubAck.
 
         `wait` (or else `ttl`) is how long the requester will want the answer: it travels as the
         `Nats-Deadline` header, so a responder that gets the request later does not work on it.
+        A 503 from a stream that exists but has no leader (a cluster electing one) is retried with
+        short pauses, under the caller's deadline; a 503 with no stream raises NoRequestStream.
+        The reply, when it comes first (its PubAck was lost with a dying leader), ends the wait too.
+        Where the request was stored, and whether its stream had no leader, goes into `attempt`.
         """
         if not p.is_valid_publish_subject(subject):
             raise ValueError(f"subject {subject!r} is not a valid subject to publish to")
@@ -374,13 +404,28 @@ class Requester:
             all_headers[p.DEADLINE_HEADER] = p.deadline_header(wait if wait is not None else ttl)
         await self._inbox.ready()
         ack_token = request_id + ".ack"
-        ack_future = self._inbox.expect(ack_token)
-        await self.nc.publish(subject, data, reply=self._inbox.prefix + ack_token, headers=all_headers)
-        return _stored_from(await ack_future, subject)
+        backoff = Backoff()
+        while True:
+            ack_future = self._inbox.expect(ack_token)
+            await self.nc.publish(subject, data, reply=self._inbox.prefix + ack_token, headers=all_headers)
+            await asyncio.wait({ack_future} if reply is None else {ack_future, reply}, return_when=FIRST_COMPLETED)
+            if not ack_future.done():
+                return  # answered already: the request was stored, though its PubAck never came
+            ack = ack_future.result()
+            if not _is_no_responders(ack):
+                attempt.stored = _stored_from(ack, subject)
+                return
+            if not (attempt.leaderless or await is_leaderless(self.nc, subject)):
+                raise NoRequestStream(subject)
+            attempt.leaderless = True  # not stored: try again once the stream has a leader
+            await backoff.wait()
 
-    async def _timed_out(self, subject: str, timeout: float, stored: Stored | None) -> str:
+    async def _timed_out(self, subject: str, timeout: float, attempt: _Attempt) -> str:
         said = f"no reply to {subject!r} within {timeout:g}s"
+        stored = attempt.stored
         if stored is None:
+            if attempt.leaderless:
+                return f"{said}; the request was not stored{LEADERLESS}"
             return f"{said}; the server did not confirm storing the request"
         if await delete_request(self.nc, stored):
             return f"{said}; the stored request ({stored.stream} #{stored.seq}) was deleted"
@@ -396,9 +441,13 @@ class Requester:
     # -- the mailbox --------------------------------------------------------------------------------
 
     async def _ledger(self):
+        """The mailbox ledger's key-value bucket, opened once per Requester."""
+        if self._kv is not None:
+            return self._kv
         js = self.nc.jetstream()
         try:
-            return await js.key_value(p.ledger_bucket(self.reply_stream))
+            self._kv = await while_electing(lambda: js.key_value(p.ledger_bucket(self.reply_stream)))
+            return self._kv
         except NotFoundError:
             raise NoReplyStream(
                 f"the mailbox ledger {p.ledger_bucket(self.reply_stream)!r} does not exist; "
@@ -409,8 +458,9 @@ class Requester:
         """Write down what was sent, so any later collect() can report it if it expires unanswered."""
         if await self._handed_over(request_id) is not None:
             return  # a send retried after its outcome was handed over: do not make it wait again
-        entry = {"subject": subject, "stream": stored.stream, "seq": stored.seq, "ttl": ttl}
-        await (await self._ledger()).put(f"{self.mailbox}.{request_id}", json.dumps(entry).encode())
+        entry = json.dumps({"subject": subject, "stream": stored.stream, "seq": stored.seq, "ttl": ttl}).encode()
+        ledger = await self._ledger()
+        await while_electing(lambda: ledger.put(f"{self.mailbox}.{request_id}", entry))
 
     async def _sent_entries(self) -> dict[str, dict]:
         """The ledger's entries for this mailbox: request id -> what was sent, where it is stored."""
@@ -490,19 +540,27 @@ class Requester:
     async def _wait_in_mailbox(self, request_id: str) -> Reply:
         """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it."""
         async with self._fetch_lock:
+            backoff = Backoff()
             while request_id not in self._fetched:
                 try:
                     self._keep(await self._mailbox_sub.fetch(1, timeout=1))
                 except TimeoutError:
                     continue
+                except UNAVAILABLE:
+                    await backoff.wait()  # the mailbox's consumer is electing a leader
         msg = self._fetched.pop(request_id)
         await msg.ack_sync()
         return Reply.from_msg(msg)
 
 
+def _is_no_responders(ack: Msg) -> bool:
+    """True for a 503 status: nobody took the message (no stream captures it, or its stream has no leader)."""
+    return bool(ack.headers) and ack.headers.get(p.STATUS_HEADER) == p.NO_RESPONDERS_STATUS
+
+
 def _stored_from(ack: Msg, subject: str) -> Stored:
     """Read a PubAck, turning 'no stream' and server refusals into clear errors."""
-    if ack.headers and ack.headers.get(p.STATUS_HEADER) == p.NO_RESPONDERS_STATUS:
+    if _is_no_responders(ack):
         raise NoRequestStream(subject)
     try:
         body = json.loads(ack.data)

@@ -20,6 +20,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
 from .errors import PayloadTooLarge, Reject, StreamConflict, StreamNotFound
+from .failover import Backoff, is_leaderless
 from .requester import HEADER_ALLOWANCE
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
@@ -103,6 +104,7 @@ class Responder:
         self._advisory_sub: Any = None
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
+        self._leaderless = False  # the last pull got a 503: the consumer had no leader
 
     @property
     def running(self) -> bool:
@@ -196,7 +198,13 @@ class Responder:
         """Keep one pull request open, asking for as many requests as there is room for."""
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
         loop = asyncio.get_running_loop()
+        backoff = Backoff()
         while True:
+            if self._leaderless:  # pulling again at once would only spin until a leader is elected
+                self._leaderless = False
+                await backoff.wait()
+            else:
+                backoff = Backoff()
             free = self.max_in_flight - len(self._tasks)
             if free <= 0:
                 self._capacity.clear()
@@ -218,8 +226,10 @@ class Responder:
     async def _on_delivery(self, msg: Msg) -> None:
         status = (msg.headers or {}).get(p.STATUS_HEADER) if not msg.data else None
         if status:
+            if status == p.NO_RESPONDERS_STATUS:
+                self._leaderless = True  # nobody took the pull: the consumer is electing a leader
             if status != STATUS_HEARTBEAT:
-                self._end_round()  # 408 expired, 409 ended by the server, 404 nothing waiting
+                self._end_round()  # 408 expired, 409 ended by the server, 404 nothing waiting, 503
             return
         self._round_left -= 1
         if self._round_left <= 0:
@@ -346,13 +356,29 @@ class Responder:
             "Nats-Expected-Stream": reply_stream,
         }
         try:
-            ack = await self.nc.request(reply_to, data, timeout=self.reply_timeout, headers=headers)
-            body = json.loads(ack.data)
+            async with asyncio.timeout(self.reply_timeout):
+                body = await self._store_reply(reply_to, data, headers)
+        except TimeoutError:
+            body = {"error": {"description": f"no PubAck within {self.reply_timeout:g}s"}}
         except Exception as exc:
             body = {"error": {"description": f"{type(exc).__name__} {exc}".strip()}}
         if "error" not in body:
             return None
         return f"reply not stored in {reply_stream}: {body['error'].get('description', 'unknown error')}"
+
+    async def _store_reply(self, reply_to: str, data: bytes, headers: dict) -> dict:
+        """Publish a reply to the stream that stores it and return its PubAck, retrying while that stream has no leader."""
+        backoff, leaderless = Backoff(), False
+        while True:
+            try:
+                return json.loads(
+                    (await self.nc.request(reply_to, data, timeout=self.reply_timeout, headers=headers)).data
+                )
+            except nats.errors.NoRespondersError:
+                if not (leaderless or await is_leaderless(self.nc, reply_to)):
+                    return {"error": {"description": f"no stream captures {reply_to!r}"}}
+                leaderless = True  # its stream is electing a leader: store the reply once it has one
+            await backoff.wait()
 
     async def _on_max_deliveries(self, advisory: Msg) -> None:
         """The server gave up redelivering a request: tell its requester, then remove the request."""

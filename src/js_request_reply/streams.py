@@ -11,12 +11,13 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, NotFoundError
 
-from .errors import StreamConflict
+from .errors import NotClustered, StreamConflict
 from .protocol import (
     DEFAULT_REPLY_STREAM,
     DEFAULT_REPLY_SUBJECTS,
     DEFAULT_REQUEST_STREAM,
     DEFAULT_REQUEST_SUBJECTS,
+    JS_ERR_REPLICAS_NOT_CLUSTERED,
     ledger_bucket,
 )
 
@@ -24,7 +25,8 @@ from .protocol import (
 IMMUTABLE = ("retention", "storage", "deny_delete")
 # Flags the server may leave out of a stream's config when false.
 FLAGS = ("allow_msg_ttl", "deny_delete")
-DEFAULT_REPLY_MAX_AGE = 24 * 3600.0  # a day: long enough for a requester to come back after lunch
+DEFAULT_REPLY_MAX_AGE = 24 * 3600.0
+MAX_REPLICAS = 5  # the most JetStream allows  # a day: long enough for a requester to come back after lunch
 
 
 def jetstream(js_or_nc: JetStreamContext | Client) -> JetStreamContext:
@@ -36,6 +38,8 @@ async def ensure_request_stream(
     js: JetStreamContext | Client,
     name: str = DEFAULT_REQUEST_STREAM,
     subjects: tuple[str, ...] | list[str] = DEFAULT_REQUEST_SUBJECTS,
+    *,
+    replicas: int = 1,
     **config: Any,
 ) -> StreamInfo:
     """Create or update the work-queue stream that stores requests, with per-message TTL allowed.
@@ -44,7 +48,10 @@ async def ensure_request_stream(
     retention or storage differs, or that denies deleting messages, raises StreamConflict saying
     what differs. (A requester deletes its stored request when it times out, and a responder one
     that ran out of deliveries; a stream with deny_delete would keep them for responders to work on.)
+    `replicas=3` keeps a copy on three servers of a cluster, so losing one loses nothing; on a
+    single server it raises NotClustered.
     """
+    _set_replicas(config, replicas)
     config.setdefault("storage", StorageType.FILE)
     config.setdefault("deny_delete", False)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, allow_msg_ttl=True, **config)
@@ -56,25 +63,44 @@ async def ensure_reply_stream(
     name: str = DEFAULT_REPLY_STREAM,
     subjects: tuple[str, ...] | list[str] = DEFAULT_REPLY_SUBJECTS,
     max_age: float = DEFAULT_REPLY_MAX_AGE,
+    *,
+    replicas: int = 1,
     **config: Any,
 ) -> StreamInfo:
     """Create or update the mailbox stream: replies wait here, `max_age` seconds at most, until collected.
 
     It is a work-queue stream too, so a collected reply leaves it and is handed over once. The
-    mailbox ledger (a key-value bucket of what each mailbox sent) is created beside it.
+    mailbox ledger (a key-value bucket of what each mailbox sent) is created beside it, with the
+    same number of replicas: a mailbox whose ledger lived on one server would break with it.
     """
+    _set_replicas(config, replicas)
     config.setdefault("storage", StorageType.FILE)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, max_age=max_age, **config)
     info = await _ensure_stream(jetstream(js), name, wanted, purpose="replies")
-    await _ensure_ledger(jetstream(js), ledger_bucket(name), max_age)
+    await _ensure_ledger(jetstream(js), ledger_bucket(name), max_age, config["num_replicas"])
     return info
 
 
-async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float) -> None:
+def _set_replicas(config: dict[str, Any], replicas: int) -> None:
+    """Put `replicas` into a stream config as num_replicas (also accepted as such), checking it."""
+    wanted = config.setdefault("num_replicas", replicas)
+    if replicas != 1 and wanted != replicas:
+        raise ValueError(f"replicas={replicas} and num_replicas={wanted} disagree; pass one of them")
+    if not isinstance(wanted, int) or not 1 <= wanted <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be a whole number from 1 to {MAX_REPLICAS}, not {wanted!r}")
+
+
+async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float, replicas: int) -> None:
     try:
         await js.key_value(bucket)
     except NotFoundError:
-        await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE))
+        kv = KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE, replicas=replicas)
+        await _call(js.create_key_value, kv, bucket, "the mailbox ledger")
+        return
+    info = await js.stream_info(f"KV_{bucket}")
+    if info.config.num_replicas != replicas:
+        updated = dataclasses.replace(info.config, num_replicas=replicas)
+        await _call(js.update_stream, updated, bucket, "the mailbox ledger")
 
 
 async def wait_for_messages(js: JetStreamContext | Client, stream: str, count: int, *, timeout: float = 5.0) -> int:
@@ -133,10 +159,17 @@ async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any]
     return await _call(js.update_stream, updated, name, purpose)
 
 
-async def _call(method, config: StreamConfig, name: str, purpose: str) -> StreamInfo:
+async def _call(method, config, name: str, purpose: str):
     try:
         return await method(config)
     except APIError as exc:
+        if exc.err_code == JS_ERR_REPLICAS_NOT_CLUSTERED:
+            replicas = getattr(config, "num_replicas", None) or getattr(config, "replicas", None)
+            raise NotClustered(
+                f"stream {name!r} for {purpose} cannot have {replicas} replicas: the server is not clustered "
+                f"({exc.description}). Replicas need a JetStream cluster of at least that many servers: "
+                "start one with EmbeddedCluster() or `python -m js_request_reply cluster`, or pass replicas=1."
+            ) from None
         raise StreamConflict(
             f"stream {name!r} for {purpose} could not be created or updated: {exc.description} (error {exc.err_code})"
         ) from None
