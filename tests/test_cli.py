@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+import nats
 import pytest
+from nats.js.api import StreamConfig
 
 import js_request_reply as jrr
 from js_request_reply.server import free_port
@@ -257,3 +259,47 @@ def test_server_prints_its_url_serves_jetstream_and_stops_on_ctrl_c(tmp_path):
 
     with pytest.raises(jrr.ServerUnreachable):
         asyncio.run(jrr.connect(url, first_connect_timeout=1))
+
+
+# -- cluster --------------------------------------------------------------------------------------
+
+
+async def _serves_replicated_jetstream(urls: list[str]) -> int:
+    """The replica count of a stream created over a connection to `urls`: a list, as nats-py takes it."""
+    nc = await nats.connect(urls)
+    try:
+        info = await nc.jetstream().add_stream(StreamConfig(name="CLUSTER_CHECK", subjects=["check.>"], num_replicas=3))
+        return info.config.num_replicas
+    finally:
+        await nc.close()
+
+
+def test_cluster_prints_a_nats_url_of_three_nodes_serves_r3_streams_and_stops_on_ctrl_c():
+    with running("cluster", "--size", "3", env=dict(os.environ)) as (cluster, output):
+        nodes = output.wait_for("JetStream cluster 'jrr' of 3 nodes")
+        line = output.wait_for("NATS_URL=")
+        output.wait_for("Ctrl-C to stop.")
+        assert line.startswith("NATS_URL=")
+        urls = line.removeprefix("NATS_URL=").split(",")
+        assert len(set(urls)) == 3
+        for name, url in zip(("n1", "n2", "n3"), urls, strict=True):
+            match = re.fullmatch(r"nats://127\.0\.0\.1:(\d+)", url)
+            assert match, url
+            assert f"{name} at port {match.group(1)} " in nodes
+        assert asyncio.run(_serves_replicated_jetstream(urls)) == 3
+
+        assert interrupt(cluster) == 0
+        output.wait_for("stopped.")
+
+    for url in urls:
+        with pytest.raises(jrr.ServerUnreachable):
+            asyncio.run(jrr.connect(url, first_connect_timeout=1))
+
+
+def test_cluster_of_one_is_refused_saying_what_to_use_instead():
+    result = cli("cluster", "--size", "1", env=dict(os.environ))
+
+    assert result.returncode == 2
+    assert "error: a cluster needs at least 2 nodes, not 1" in result.stderr
+    assert "`server` command" in result.stderr
+    assert "Traceback" not in result.stderr

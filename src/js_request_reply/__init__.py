@@ -4,11 +4,14 @@ Notebooks use it as `import js_request_reply as jrr`.
 """
 
 from .cli import run_command
+from .cluster import EmbeddedCluster
 from .connection import connect
 from .errors import (
     JsRequestReplyError,
+    NoLeader,
     NoReplyStream,
     NoRequestStream,
+    NotClustered,
     PayloadTooLarge,
     Reject,
     RequestNotStored,
@@ -43,11 +46,14 @@ def __getattr__(name: str):
 __all__ = [
     "MENU",
     "Arrow",
+    "EmbeddedCluster",
     "EmbeddedServer",
     "Handled",
     "JsRequestReplyError",
+    "NoLeader",
     "NoReplyStream",
     "NoRequestStream",
+    "NotClustered",
     "PayloadTooLarge",
     "Reject",
     "Reply",

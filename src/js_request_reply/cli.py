@@ -1,4 +1,4 @@
-"""The command line: `python -m js_request_reply server | responder | request | collect | chaos | bench | lab`."""
+"""The command line: `python -m js_request_reply server | cluster | responder | request | collect | chaos | bench | lab`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import protocol as p
+from .cluster import EmbeddedCluster
 from .connection import connect
 from .errors import JsRequestReplyError, RequestRejected, RequestTimeout, ServerUnreachable
 from .menu import menu_handlers
@@ -60,6 +61,27 @@ async def _serve_until_signalled(server: EmbeddedServer) -> None:
     stop = _stop_on_signals()
     say(f"nats-server with JetStream at {server.url} (store: {server.store_dir})")
     say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
+    say("Ctrl-C to stop.")
+    await stop.wait()
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    cluster = EmbeddedCluster(size=args.size, store_dir=args.store)
+    cluster.start()
+    try:
+        asyncio.run(_cluster_until_signalled(cluster, args.store))
+    finally:
+        cluster.close()
+        say("stopped.")
+    return 0
+
+
+async def _cluster_until_signalled(cluster: EmbeddedCluster, store: str | None) -> None:
+    stop = _stop_on_signals()
+    nodes = ", ".join(f"{node.name} at port {node.port} (monitoring {node.monitor_port})" for node in cluster.servers)
+    where = f" (stores: {store}/<node>)" if store else ""
+    say(f"JetStream cluster {cluster.name!r} of {cluster.size} nodes: {nodes}{where}")
+    say(f"NATS_URL={cluster.urls}")
     say("Ctrl-C to stop.")
     await stop.wait()
 
@@ -183,6 +205,21 @@ def parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (0: any free port)")
     server.add_argument("--store", default=None, help="JetStream store folder (default: a temporary one)")
     server.set_defaults(run=cmd_server)
+
+    cluster = commands.add_parser(
+        "cluster", help="run a JetStream cluster of embedded nats-servers (n1, n2, n3) in the foreground"
+    )
+    cluster.add_argument(
+        "--size",
+        type=int,
+        default=3,
+        metavar="N",
+        help="number of nodes (default 3; at least 2: nats-server runs no JetStream cluster of one, use server)",
+    )
+    cluster.add_argument(
+        "--store", default=None, metavar="DIR", help="one store per node, in DIR/n1, DIR/n2... (default: temporary)"
+    )
+    cluster.set_defaults(run=cmd_cluster)
 
     def with_url(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument("--url", default=None, help=f"server URL (default: NATS_URL, else {DEFAULT_URL})")

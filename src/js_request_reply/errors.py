@@ -96,3 +96,7 @@ class PayloadTooLarge(JsRequestReplyError, ValueError):
 
 class StreamNotFound(JsRequestReplyError):
     """The stream a Responder should read does not exist."""
+
+
+class NoLeader(JsRequestReplyError):
+    """The cluster, or a stream in it, has no leader on a running node within the time allowed."""

@@ -78,3 +78,8 @@ async def while_electing(call: Callable[[], Awaitable[T]]) -> T:
         with contextlib.suppress(*UNAVAILABLE):
             return await call()
         await backoff.wait()
+
+
+def in_cluster(nc: Client) -> bool:
+    """True when `nc` is connected to a server that is part of a cluster (its INFO names one)."""
+    return bool(getattr(nc, "_server_info", {}).get("cluster"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from asyncio import FIRST_COMPLETED
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ from .errors import (
     RequestRejected,
     RequestTimeout,
 )
-from .failover import UNAVAILABLE, Backoff, is_leaderless, while_electing
+from .failover import UNAVAILABLE, Backoff, in_cluster, is_leaderless, while_electing
 
 # Why a request was not stored although a stream captures its subject.
 LEADERLESS = (
     "; the stream that captures it had no leader all that time (a server of its cluster was lost, and "
     "the others were electing a new leader), so retry"
 )
+REPUBLISH_AFTER = 1.0  # seconds without a PubAck before a request is published again, in a cluster
 MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
 HEADER_ALLOWANCE = 512  # bytes kept free under max_payload for our headers
 
@@ -394,8 +396,11 @@ class Requester:
         all_headers[p.REPLY_HEADER] = reply_subject
         if self.mailbox:
             all_headers[p.REPLY_STREAM_HEADER] = self.reply_stream
-        if msg_id is not None:
-            all_headers[p.MSG_ID_HEADER] = msg_id
+        # In a cluster the stream's leader can die after storing a request and before its PubAck: the
+        # request is published again, and the request id as Nats-Msg-Id makes the stream store it once.
+        republish = in_cluster(self.nc)
+        if msg_id is not None or republish:
+            all_headers[p.MSG_ID_HEADER] = request_id
         if ttl is not None:
             if ttl < 1:
                 raise ValueError(f"ttl must be at least 1 second (the server counts whole seconds), not {ttl}")
@@ -408,12 +413,17 @@ class Requester:
         while True:
             ack_future = self._inbox.expect(ack_token)
             await self.nc.publish(subject, data, reply=self._inbox.prefix + ack_token, headers=all_headers)
-            await asyncio.wait({ack_future} if reply is None else {ack_future, reply}, return_when=FIRST_COMPLETED)
-            if not ack_future.done():
+            waiting = {ack_future} if reply is None else {ack_future, reply}
+            await asyncio.wait(waiting, timeout=REPUBLISH_AFTER if republish else None, return_when=FIRST_COMPLETED)
+            if reply is not None and reply.done():
                 return  # answered already: the request was stored, though its PubAck never came
+            if not ack_future.done():
+                continue  # no PubAck: the message went to a leader that died; publish it again
             ack = ack_future.result()
             if not _is_no_responders(ack):
-                attempt.stored = _stored_from(ack, subject)
+                stored = _stored_from(ack, subject)
+                # A duplicate of our own first copy (its PubAck lost) is the request itself, stored once.
+                attempt.stored = stored if msg_id is not None else dataclasses.replace(stored, duplicate=False)
                 return
             if not (attempt.leaderless or await is_leaderless(self.nc, subject)):
                 raise NoRequestStream(subject)

@@ -27,6 +27,10 @@ Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # no
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
 
 PULL_EXPIRY = 1.0  # seconds a pull request waits on the server; a lost one is re-issued after this
+CONFIRM_TIMEOUT = 1.0  # seconds to wait for the server to confirm an ack sent after a disruption
+RECENT_WINDOW = 15.0  # acks this recent are sent again after a disruption (an election takes 4-9 s)
+ACK = b"+ACK"
+NAK_LATER = b'-NAK {"delay": 1000000000}'  # redeliver in a second
 STATUS_HEARTBEAT = "100"
 
 
@@ -105,6 +109,12 @@ class Responder:
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
         self._leaderless = False  # the last pull got a 503: the consumer had no leader
+        # Disruptions seen (consumer elections, reconnects): a request delivered before one is settled confirmed.
+        self._disruptions = 0
+        self._reconnects_seen = nc.stats.get("reconnects", 0)
+        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()  # (when, ack subject, verdict)
+        self._resending: set[asyncio.Task] = set()
+        self._leader_sub: Any = None
 
     @property
     def running(self) -> bool:
@@ -124,6 +134,9 @@ class Responder:
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable}",
             queue=f"jrr-{self.stream}-{self.durable}",
             cb=self._on_max_deliveries,
+        )
+        self._leader_sub = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self.stream}.{self.durable}", cb=self._on_leader_elected
         )
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
         self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name=f"keep-alive-{self.name}")
@@ -146,16 +159,16 @@ class Responder:
         closed = self.nc.is_closed  # a closed connection has no pull left open and nothing to unsubscribe
         if self._round_end is not None and not closed:
             await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self._tasks or self._resending:
+            await asyncio.wait(self._tasks | self._resending, timeout=timeout)
         if self._keep_alive_task is not None:
             self._keep_alive_task.cancel()
             await asyncio.gather(self._keep_alive_task, return_exceptions=True)
-        for sub in (self._deliver_sub, self._advisory_sub):
+        for sub in (self._deliver_sub, self._advisory_sub, self._leader_sub):
             if sub is not None and not closed:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
-        self._deliver_sub = self._advisory_sub = self._pull_task = None
+        self._deliver_sub = self._advisory_sub = self._leader_sub = self._pull_task = None
 
     async def __aenter__(self) -> Responder:
         return await self.start()
@@ -210,6 +223,7 @@ class Responder:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
+            self._note_disruptions()
             self._round_left = free
             self._round_end = loop.create_future()
             pull = {"batch": free, "expires": int(PULL_EXPIRY * 1e9)}
@@ -228,12 +242,14 @@ class Responder:
         if status:
             if status == p.NO_RESPONDERS_STATUS:
                 self._leaderless = True  # nobody took the pull: the consumer is electing a leader
+                self._disrupted()
             if status != STATUS_HEARTBEAT:
                 self._end_round()  # 408 expired, 409 ended by the server, 404 nothing waiting, 503
             return
         self._round_left -= 1
         if self._round_left <= 0:
             self._end_round()
+        msg._jrr_disruptions = self._disruptions  # type: ignore[attr-defined]
         if self._stopping:
             await msg.nak()
             return
@@ -254,7 +270,7 @@ class Responder:
         if not p.is_valid_publish_subject(reply_to):
             present = p.REPLY_HEADER in headers  # an empty header is there, but still names no subject
             why = f"Nats-Reply {reply_to!r} is not a valid subject" if present else "no Nats-Reply header"
-            await terminate(msg, f"{p.BAD_REQUEST} {why}")
+            await self._settle(msg, term_verdict(f"{p.BAD_REQUEST} {why}"))
             self._record(msg, "", "terminated", why, delivery)
             return
         request_id = p.request_id_of(reply_to)
@@ -276,8 +292,68 @@ class Responder:
         finally:
             del self._running_handlers[id(msg)]
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
-            await msg.ack()
+            await self._settle(msg, ACK)
             self._record(msg, request_id, "replied", "", delivery)
+
+    async def _settle(self, msg: Msg, verdict: bytes) -> None:
+        """Send `verdict` (+ACK, +TERM <reason>, -NAK) for `msg`, so that a consumer's change of leader cannot lose it.
+
+        Acks are fire-and-forget: one that reaches a consumer while it elects a new leader (the
+        server of its old leader died) is lost, and the request would wait a whole ack_wait before
+        anyone took it again. So a request delivered before a disruption (a pull answered 503, a
+        reconnect, a new consumer leader) is settled with a confirmed ack, retried until the new
+        leader takes it; and acks sent shortly before a disruption are sent again, confirmed.
+        """
+        self._note_disruptions()
+        if self._disruptions != getattr(msg, "_jrr_disruptions", self._disruptions):
+            await self._confirm(msg.reply, verdict)
+            return
+        if verdict == ACK:
+            await msg.ack()
+        elif verdict == NAK_LATER:
+            await msg.nak(delay=1)
+        else:
+            await self.nc.publish(msg.reply, verdict)
+        if verdict != NAK_LATER:  # an ack or a term is safe to repeat; a second nak would count twice
+            now = time.monotonic()
+            self._recent.append((now, msg.reply, verdict))
+            while self._recent and now - self._recent[0][0] > RECENT_WINDOW:
+                self._recent.popleft()
+
+    async def _confirm(self, ack_subject: str, verdict: bytes) -> None:
+        """Send `verdict` as a request and wait for the server's confirmation, retrying within ack_wait."""
+        backoff = Backoff()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.ack_wait):
+                while True:
+                    with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                        await self.nc.request(ack_subject, verdict, timeout=CONFIRM_TIMEOUT)
+                        return
+                    await backoff.wait()
+
+    def _disrupted(self) -> None:
+        """The consumer or the connection was disrupted: settle again, confirmed, what was settled just before."""
+        self._disruptions += 1
+        recent, self._recent = self._recent, collections.deque()
+        if recent:
+            task = asyncio.create_task(self._confirm_all(recent))
+            self._resending.add(task)
+            task.add_done_callback(self._resending.discard)
+
+    async def _confirm_all(self, recent: collections.deque) -> None:
+        for _, ack_subject, verdict in recent:
+            await self._confirm(ack_subject, verdict)
+
+    def _note_disruptions(self) -> None:
+        """Notice a reconnect of this connection since the last look."""
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects_seen:
+            self._reconnects_seen = reconnects
+            self._disrupted()
+
+    async def _on_leader_elected(self, advisory: Msg) -> None:
+        """The consumer has a new leader: acks sent to the old one may be lost."""
+        self._disrupted()
 
     async def _keep_alive_loop(self) -> None:
         """Every third of ack_wait, send in-progress acks for handlers running longer than that.
@@ -330,7 +406,7 @@ class Responder:
         description = p.fit_description(description)
         headers = {p.SERVICE_ERROR_HEADER: description, p.SERVICE_ERROR_CODE_HEADER: str(code)}
         if await self._send_reply(msg, reply_to, request_id, b"", headers, delivery):
-            await terminate(msg, f"{code} {description}")
+            await self._settle(msg, term_verdict(f"{code} {description}"))
             self._record(msg, request_id, "rejected", f"{code} {description}", delivery)
 
     async def _send_reply(self, msg, reply_to, request_id, data: bytes, headers: dict, delivery: int) -> bool:
@@ -338,7 +414,7 @@ class Responder:
         problem = await self._publish_reply(msg.subject, msg.headers, reply_to, request_id, data, headers)
         if problem is None:
             return True
-        await msg.nak(delay=1)  # the request stays queued and is answered when the mailbox can take it
+        await self._settle(msg, NAK_LATER)  # the request stays queued and is answered when the mailbox can take it
         self._record(msg, request_id, "retried", problem, delivery)
         return False
 
@@ -421,9 +497,14 @@ def _delivery_count(msg: Msg) -> int:
     return int(token) if token.isdigit() else 1
 
 
+def term_verdict(reason: str) -> bytes:
+    """The ack payload that terminates a message with a reason: `+TERM <reason>`."""
+    return b"+TERM " + reason.encode()
+
+
 async def terminate(msg: Msg, reason: str) -> None:
     """Terminate a JetStream message with a reason (nats-py's `Msg.term()` sends none)."""
-    await msg._client.publish(msg.reply, b"+TERM " + reason.encode())
+    await msg._client.publish(msg.reply, term_verdict(reason))
 
 
 def request_id(msg: Msg) -> str:

@@ -68,11 +68,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+READY_HEALTH_CHECK = "/healthz?js-enabled-only=true"  # JetStream is up; on a lone server, that is ready
+
+
 class EmbeddedServer:
     """One `nats-server` process with JetStream, on loopback, with a bounded wait until it is ready.
 
     `restart()` keeps the port and the store directory, so stored messages survive it and
-    clients reconnect to the same URL.
+    clients reconnect to the same URL. `name` is the server name (default `jrr-<port>`);
+    `health_check` is the monitoring path that must answer 200 before the server counts as ready.
     """
 
     def __init__(
@@ -84,7 +88,11 @@ class EmbeddedServer:
         binary: str | None = None,
         ready_timeout: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        name: str | None = None,
+        health_check: str = READY_HEALTH_CHECK,
     ):
+        self.name = name
+        self.health_check = health_check
         self.host = host
         self.port = port
         self.monitor_port = 0
@@ -95,6 +103,7 @@ class EmbeddedServer:
         self._store_dir = Path(store_dir) if store_dir is not None else None
         self._process: subprocess.Popen | None = None
         self._log_file = None
+        self._log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -111,6 +120,13 @@ class EmbeddedServer:
         return self._store_dir
 
     @property
+    def log_path(self) -> Path:
+        """The file the server writes its log to (in the temporary folder)."""
+        if self._log_path is None:
+            self._log_path = self._workdir() / "nats-server.log"
+        return self._log_path
+
+    @property
     def running(self) -> bool:
         """True while the server process is alive."""
         return self._process is not None and self._process.poll() is None
@@ -119,18 +135,28 @@ class EmbeddedServer:
         """Start the server and wait until it answers its health check."""
         if self.running:
             return self
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it: see wait_ready().
+
+        A cluster launches every node before it waits for any, since none is ready alone.
+        """
+        if self.running:
+            return
         binary = self._binary or find_binary()
         check_version(binary)
         self.port = self.port or free_port(self.host)
         self.monitor_port = self.monitor_port or free_port(self.host)
-        log_path = self._workdir() / "nats-server.log"
-        self._log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's lifetime
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's lifetime
         command = [
             binary,
             "--addr", self.host, "--port", str(self.port),
             "--http_port", str(self.monitor_port),
             "--jetstream", "--store_dir", str(self.store_dir),
-            "--server_name", f"jrr-{self.port}",
+            "--server_name", self.name or f"jrr-{self.port}",
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
@@ -141,8 +167,6 @@ class EmbeddedServer:
             # Linux signals the death of the starting *thread*, so only the main thread asks for it.
             preexec_fn=_die_with_parent if on_linux_main_thread() else None,
         )
-        self._wait_ready(log_path)
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the server down gracefully (SIGTERM), killing it if it has not exited within `timeout`."""
@@ -176,6 +200,7 @@ class EmbeddedServer:
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None
+            self._log_path = None
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
@@ -192,14 +217,19 @@ class EmbeddedServer:
             self._own_dir = Path(tempfile.mkdtemp(prefix="jrr-nats-"))
         return self._own_dir
 
-    def _wait_ready(self, log_path: Path) -> None:
-        """Poll /healthz until JetStream is up, the process exits, or `ready_timeout` passes."""
-        health = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
-        deadline = time.monotonic() + self.ready_timeout
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll the health check until it answers, the process exits, or `timeout` (default ready_timeout) passes.
+
+        On failure the server is stopped and ServerStartFailed carries the end of its log.
+        """
+        timeout = self.ready_timeout if timeout is None else timeout
+        health = f"http://{self.host}:{self.monitor_port}{self.health_check}"
+        which = f"nats-server {self.name}" if self.name else "nats-server"
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 self.stop()
-                raise ServerStartFailed(f"nats-server exited at start-up:\n{_tail(log_path)}")
+                raise ServerStartFailed(f"{which} exited at start-up:\n{_tail(self.log_path)}")
             try:
                 with urllib.request.urlopen(health, timeout=1) as response:
                     if response.status == 200:
@@ -209,7 +239,7 @@ class EmbeddedServer:
             time.sleep(0.02)  # polling a health endpoint: the server offers no readiness event
         self.stop()
         raise ServerStartFailed(
-            f"nats-server did not become ready on port {self.port} within {self.ready_timeout}s:\n{_tail(log_path)}"
+            f"{which} did not become ready on port {self.port} within {timeout}s:\n{_tail(self.log_path)}"
         )
 
 
