@@ -118,3 +118,27 @@ async def test_a_bare_host_and_port_is_read_as_a_nats_url(nats_url):
         assert nc.is_connected
     finally:
         await nc.drain()
+
+
+async def test_a_list_of_servers_none_of_which_answers_fails_fast_naming_every_one():
+    urls = [f"nats://127.0.0.1:{free_port()}" for _ in range(3)]
+
+    with pytest.raises(jrr.ServerUnreachable) as caught:
+        async with asyncio.timeout(10):
+            await jrr.connect(",".join(urls))
+
+    message = str(caught.value)
+    assert f"no NATS server answered at any of {', '.join(urls)} (ConnectionRefusedError" in message
+    assert "python -m js_request_reply server" in message
+
+
+async def test_a_list_of_servers_connects_to_the_one_that_answers(nats_url):
+    dead = f"nats://127.0.0.1:{free_port()}"
+
+    for urls in (f"{dead}, {nats_url}", [dead, nats_url]):
+        nc = await jrr.connect(urls)
+        try:
+            assert nc.is_connected
+            assert nc.connected_url.port == int(nats_url.rsplit(":", 1)[1])
+        finally:
+            await nc.close()

@@ -186,3 +186,43 @@ async def test_delete_streams_twice_is_harmless(nc, names):
 
     assert await jrr.delete_streams(nc, name) == [name]
     assert await jrr.delete_streams(nc, name) == []
+
+
+@pytest.mark.parametrize("ensure", [jrr.ensure_request_stream, jrr.ensure_reply_stream], ids=["requests", "replies"])
+async def test_three_replicas_on_a_single_server_is_a_clear_error_saying_it_is_not_clustered(js, names, ensure):
+    name, prefix = names
+
+    with pytest.raises(jrr.NotClustered) as caught:
+        await ensure(js, name, [f"{prefix}.>"], replicas=3)
+
+    message = str(caught.value)
+    assert f"stream {name!r}" in message
+    assert "cannot have 3 replicas: the server is not clustered" in message
+    assert "EmbeddedCluster()" in message and "python -m js_request_reply cluster" in message
+    assert isinstance(caught.value, jrr.StreamConflict), "existing handlers of StreamConflict still catch it"
+    with pytest.raises(NotFoundError):
+        await js.stream_info(name)
+
+
+async def test_one_replica_is_the_default_and_can_be_asked_for_either_way(js, names):
+    name, prefix = names
+
+    info = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"], replicas=1)
+    again = await jrr.ensure_request_stream(js, name, [f"{prefix}.*"], num_replicas=1)
+
+    assert info.config.num_replicas == again.config.num_replicas == 1
+
+
+@pytest.mark.parametrize("replicas", [0, 6, 2.5])
+async def test_a_replica_count_jetstream_cannot_have_is_refused_before_asking_the_server(js, names, replicas):
+    name, prefix = names
+
+    with pytest.raises(ValueError, match=r"replicas must be a whole number from 1 to 5"):
+        await jrr.ensure_request_stream(js, name, [f"{prefix}.*"], replicas=replicas)
+
+
+async def test_replicas_and_num_replicas_that_disagree_are_refused(js, names):
+    name, prefix = names
+
+    with pytest.raises(ValueError, match=r"replicas=3 and num_replicas=1 disagree"):
+        await jrr.ensure_request_stream(js, name, [f"{prefix}.*"], replicas=3, num_replicas=1)

@@ -70,12 +70,13 @@ async def is_leaderless(nc: Client, subject: str) -> bool:
 async def while_electing(call: Callable[[], Awaitable[T]]) -> T:
     """Await `call()`, retrying while its stream has no leader; the caller's timeout bounds the retries.
 
-    For calls to a stream known to exist (the mailbox ledger, a stream the package created):
-    a 503 there can only mean that the stream is electing a leader.
+    For calls that are safe to repeat (a key-value get or put) on a stream known to exist (the
+    mailbox ledger): a 503 there can only mean that the stream is electing a leader, and a call
+    that timed out went to a leader that died before answering.
     """
     backoff = Backoff()
     while True:
-        with contextlib.suppress(*UNAVAILABLE):
+        with contextlib.suppress(*UNAVAILABLE, nats.errors.TimeoutError):
             return await call()
         await backoff.wait()
 
