@@ -21,7 +21,7 @@ from nats.js.errors import APIError, NotFoundError
 from . import protocol as p
 from .errors import PayloadTooLarge, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless
-from .requester import HEADER_ALLOWANCE
+from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
@@ -80,7 +80,7 @@ class Responder:
         max_in_flight: int = 64,
         ack_wait: float = 30.0,
         max_deliver: int = 5,
-        reply_timeout: float = 5.0,
+        reply_timeout: float = 10.0,
         on_handled: Callable[[Handled], None] | None = None,
     ):
         if not p.is_valid_token(durable):
@@ -99,7 +99,7 @@ class Responder:
         self.on_handled = on_handled
         self.handled: collections.deque[Handled] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task] = set()
-        self._running_handlers: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its handler started)
+        self._running_handlers: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its work started)
         self._keep_alive_task: asyncio.Task | None = None
         self._capacity = asyncio.Event()
         self._round_end: asyncio.Future | None = None
@@ -273,13 +273,22 @@ class Responder:
             await self._settle(msg, term_verdict(f"{p.BAD_REQUEST} {why}"))
             self._record(msg, "", "terminated", why, delivery)
             return
+        # Kept alive with in-progress acks until settled: the handler, and storing its reply while a
+        # mailbox stream elects a leader, may each outlast the ack_wait.
+        self._running_handlers[id(msg)] = (msg, time.monotonic())
+        try:
+            await self._answer(msg, reply_to, delivery)
+        finally:
+            del self._running_handlers[id(msg)]
+
+    async def _answer(self, msg: Msg, reply_to: str, delivery: int) -> None:
+        """Run the handler for `msg` (unless it is past its deadline), reply, then ack or terminate."""
         request_id = p.request_id_of(reply_to)
-        late = p.seconds_past_deadline(headers)
+        late = p.seconds_past_deadline(msg.headers)
         if late is not None:
             why = f"expired: the requester's deadline passed {late:.1f} s before a responder took it"
             await self._reject(msg, reply_to, request_id, p.EXPIRED, why, delivery)
             return
-        self._running_handlers[id(msg)] = (msg, time.monotonic())
         try:
             data = await self._call_handler(msg)
         except Reject as reject:
@@ -289,8 +298,6 @@ class Responder:
             detail = f"handler failed: {type(exc).__name__}: {exc}"
             await self._reject(msg, reply_to, request_id, p.HANDLER_FAILED, detail, delivery)
             return
-        finally:
-            del self._running_handlers[id(msg)]
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
             await self._settle(msg, ACK)
             self._record(msg, request_id, "replied", "", delivery)
@@ -443,17 +450,22 @@ class Responder:
         return f"reply not stored in {reply_stream}: {body['error'].get('description', 'unknown error')}"
 
     async def _store_reply(self, reply_to: str, data: bytes, headers: dict) -> dict:
-        """Publish a reply to the stream that stores it and return its PubAck, retrying while that stream has no leader."""
+        """Publish a reply to the stream that stores it and return its PubAck, retrying while that stream has no leader.
+
+        A publish with no PubAck within a second went to a leader that died: it is published again,
+        and the request id as Nats-Msg-Id makes the stream store the reply once.
+        """
         backoff, leaderless = Backoff(), False
+        each = min(self.reply_timeout, REPUBLISH_AFTER)
         while True:
             try:
-                return json.loads(
-                    (await self.nc.request(reply_to, data, timeout=self.reply_timeout, headers=headers)).data
-                )
+                return json.loads((await self.nc.request(reply_to, data, timeout=each, headers=headers)).data)
             except nats.errors.NoRespondersError:
                 if not (leaderless or await is_leaderless(self.nc, reply_to)):
                     return {"error": {"description": f"no stream captures {reply_to!r}"}}
                 leaderless = True  # its stream is electing a leader: store the reply once it has one
+            except nats.errors.TimeoutError:
+                continue  # no PubAck: publish it again at once
             await backoff.wait()
 
     async def _on_max_deliveries(self, advisory: Msg) -> None:
