@@ -1,15 +1,21 @@
-"""The benchmark in smoke mode: it runs end to end and its JSON has the fields. No timing is asserted."""
+"""The benchmark in smoke mode: it runs end to end and its JSON has the fields. No timing is asserted.
+
+With --replicas 3 it runs on a three-node cluster of its own and adds R3 rows.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from js_request_reply.bench import VARIANTS
+
+R3_ROWS = ["js-publish R3", "jetstream R3", "mailbox R3"]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -52,3 +58,37 @@ def test_bench_prints_a_table_by_default():
     assert lines[0].split()[:3] == ["variant", "p50", "ms"]
     assert [line.split()[0] for line in lines[1 : 1 + len(VARIANTS)]] == list(VARIANTS)
     assert "Traceback" not in done.stderr
+
+
+def test_bench_on_a_cluster_adds_r3_rows_with_ratios_to_core_and_to_r1():
+    done = run_bench("--replicas", "3")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.split(r"\s{2,}", lines[0].strip())[:5] == ["variant", "p50 ms", "(x core)", "(x R1)", "p99 ms"]
+    rows = {line.split("  ")[0].strip(): line for line in lines[1 : 1 + len(VARIANTS) + len(R3_ROWS)]}
+    assert list(rows) == [*VARIANTS, *R3_ROWS]
+    for name in R3_ROWS:
+        ratios = re.findall(r"\d+\.\d\dx", rows[name])
+        assert len(ratios) == 2 + 2 * 2, rows[name]  # p50 x core and x R1, then both at 1 and 10 in flight
+    assert re.findall(r"\d+\.\d\dx", rows["core"]) == ["1.00x", "1.00x", "1.00x"]
+    assert "cluster: requester and responders connected to n" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_json_on_a_cluster_gives_each_r3_row_its_ratio_to_r1():
+    done = run_bench("--replicas", "3", "--json")
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == [*VARIANTS, *R3_ROWS]
+    for name in R3_ROWS:
+        row, r1 = rows[name], rows[name.removesuffix(" R3")]
+        assert (row["replicas"], r1["replicas"]) == (3, 1)
+        assert row["r1_ratio"] > 0 and r1["r1_ratio"] is None
+        assert set(row["r1_throughput_ratio"]) == {str(c) for c in report["concurrency"]}
+    assert rows["core"]["replicas"] is None
+    placement = report["placement"]
+    assert placement["requester"] == placement["responders"]
+    assert {"BENCH_R3", "BENCH_R3/bench", "BENCH_REPLIES_R3/mailbox-bench-r3"} <= set(placement["leaders"])

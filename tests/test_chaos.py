@@ -1,6 +1,7 @@
 """The fault-injection run: `python -m js_request_reply chaos` kills responders, restarts its server, and counts.
 
-Each run starts a server of its own and responder processes of its own, whatever NATS_URL says.
+Each run starts a server (or, with --cluster, a three-node cluster) of its own and responder
+processes of its own, whatever NATS_URL says.
 """
 
 from __future__ import annotations
@@ -87,6 +88,35 @@ def test_chaos_json_counts_every_request_after_kills_and_a_server_restart():
     assert report["server_restarts"] == 1
     assert report["handler_runs"] >= report["answered"]
     assert report["handler_runs"] - report["repeated_handler_runs"] == report["answered"]
+
+
+def test_chaos_on_a_cluster_loses_nothing_when_the_requests_leader_is_killed():
+    result = chaos("--cluster", "--requests", "40", "--responders", "2", "--node-kills", "1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, row, *rest = result.stdout.splitlines()
+    assert re.split(r"\s{2,}", header.strip()) == COLUMNS
+    counts = dict(zip(COLUMNS, map(int, row.split()), strict=True))
+    assert counts["sent"] == 40
+    assert counts["lost"] == 0
+    assert counts["duplicate side effects"] == 0
+    assert counts["answered"] + counts["rejected"] + counts["expired"] == 40
+    faults = next(line for line in rest if line.startswith("faults:"))
+    assert faults.endswith("1 node killed with SIGKILL (1 REQUESTS leader), restarted"), result.stdout
+    assert re.search(r"^killed:   n[123], leader of REQUESTS\b", result.stdout, re.MULTILINE), result.stdout
+    assert "a 3-node cluster with R3 streams" in result.stdout
+    assert not any(line.startswith("PROBLEM") for line in rest), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_chaos_refuses_node_kills_without_a_cluster_and_server_restarts_with_one():
+    without = chaos("--node-kills", "1")
+    mixed = chaos("--cluster", "--server-restarts", "1")
+
+    assert without.returncode == 2
+    assert "error: --node-kills needs --cluster" in without.stderr
+    assert mixed.returncode == 2
+    assert "error: --server-restarts restarts the one server; with --cluster, nodes are killed" in mixed.stderr
 
 
 async def test_run_chaos_in_process_returns_a_report_and_leaves_no_process_behind():

@@ -1,9 +1,13 @@
-"""A fault-injection run that counts: `python -m js_request_reply chaos --requests N`.
+"""A fault-injection run that counts: `python -m js_request_reply chaos --requests N [--cluster]`.
 
 It sends N mailbox-mode requests to responder processes, kills responders with SIGKILL at random
 points, restarts its server while requests are in flight, keeps every responder down while a batch
 of short-lived requests expires, then collects until every request is accounted for. Each request
 ends answered, rejected or expired; whatever is left is lost.
+
+With `--cluster` it runs on a three-node cluster of its own, every stream with three replicas,
+and instead of restarting the one server it kills nodes with SIGKILL (the first one the leader of
+REQUESTS), each restarted once the others have elected new leaders, before the next is killed.
 
 The handlers have a side effect: each publishes one message to `effects.<request-id>` in the
 EFFECTS stream, with the request id as `Nats-Msg-Id`, before returning its reply. A responder killed
@@ -11,7 +15,7 @@ between the effect and the ack makes the request run again elsewhere; the stream
 stores the effect once. EFFECTS holding more messages than request ids would be a duplicate effect.
 Every handler run is recorded too, as `runs.<request-id>.<delivery>` in RUNS, to count redeliveries.
 
-The run always owns its server (a temporary file store, loopback only), whatever NATS_URL says.
+The run always owns its server or cluster (temporary file stores, loopback only), whatever NATS_URL says.
 `run_chaos()` does it in-process; `python -m js_request_reply.chaos responder` is one responder process.
 """
 
@@ -36,6 +40,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from . import protocol as p
+from .cluster import EmbeddedCluster
 from .connection import connect
 from .errors import JsRequestReplyError, ServerUnreachable
 from .menu import MENU
@@ -51,8 +56,10 @@ RUNS_STREAM = "RUNS"  # one message per handler run: runs.<request-id>.<delivery
 TTL = 1  # seconds a short-lived request may wait; they are sent while every responder is down
 OUTAGE_MARGIN = 1.0  # the outage lasts this much longer than TTL, so each of them is past its deadline
 MAX_HANDLER_PAUSE = 0.01  # seconds of simulated work, before and after the effect: kills land mid-handler
-SEND_TIMEOUT = 5.0  # one send() attempt; a send lost to the restart is retried with the same msg_id
-PATIENCE = 60.0  # how long a send, or a handler's publish, keeps retrying before it gives up
+SEND_TIMEOUT = 5.0  # one send() attempt; a send lost to a restart or an election is retried with the same msg_id
+PATIENCE = 60.0  # how long a send, or a handler's publish, keeps retrying: several elections (4-9 s each)
+CLUSTER_SIZE = 3
+ELECTION_TIMEOUT = 30.0  # a stream elects a new leader within this after its leader's node is killed
 COLLECT_TIMEOUT = 30.0
 POLL = 0.2  # seconds between collect() calls that found nothing
 READY_TIMEOUT = 30.0  # a responder process connects and starts within this
@@ -75,6 +82,11 @@ class ChaosReport:
     kills: int = 0  # responders killed with SIGKILL at random points
     outage_kills: int = 0  # responders killed so that the short-lived requests expire
     server_restarts: int = 0
+    cluster_nodes: int = 0  # 0: one server; else the run's cluster, whose streams have 3 replicas
+    node_kills: int = 0  # cluster nodes killed with SIGKILL
+    leader_kills: int = 0  # of them, the ones that led REQUESTS when killed
+    node_restarts: int = 0
+    nodes_killed: list[str] = field(default_factory=list)  # each kill: the node and the streams it led
     redeliveries: int = 0  # handler runs on a delivery after the first
     handler_runs: int = 0
     repeated_handler_runs: int = 0  # runs of a request some responder had run before: the dedupe's work
@@ -106,7 +118,6 @@ class ChaosReport:
         """The counts as a small aligned table, then a line each on the faults, what absorbed them, and the checks."""
         columns = self.counts()
         widths = {name: max(len(name), len(str(value))) for name, value in columns.items()}
-        restarts = "restart" if self.server_restarts == 1 else "restarts"
         stored = (
             f"{EFFECTS_STREAM} stored each effect once"
             if not self.duplicate_side_effects
@@ -117,14 +128,16 @@ class ChaosReport:
             "  ".join(f"{value:>{widths[name]}}" for name, value in columns.items()),
             "",
             f"faults:   {self.kills} responders killed with SIGKILL at random points, "
-            f"{self.outage_kills} more for a {TTL + OUTAGE_MARGIN:g} s outage, {self.server_restarts} server {restarts}",
+            f"{self.outage_kills} more for a {TTL + OUTAGE_MARGIN:g} s outage, {self._server_faults()}",
             f"absorbed: {self.redeliveries} redeliveries; {self.repeated_handler_runs} of {self.handler_runs} "
             f"handler runs repeated a request, and {stored}",
             f"checks:   {self.duplicate_replies} replies handed over twice, "
             f"{self.mismatched} outcomes a request could not have had",
-            f"run:      {self.sent} requests, {self.responders} responder processes, seed {self.seed}, "
+            f"run:      {self.sent} requests, {self.responders} responder processes, {self._where()}seed {self.seed}, "
             f"{self.seconds:.1f} s",
         ]
+        if self.nodes_killed:
+            lines.insert(4, f"killed:   {'; '.join(self.nodes_killed)}")
         lines += [f"PROBLEM:  {problem}" for problem in self.problems[:SHOWN_PROBLEMS]]
         if len(self.problems) > SHOWN_PROBLEMS:
             lines.append(f"PROBLEM:  ... and {len(self.problems) - SHOWN_PROBLEMS} more (--json lists them all)")
@@ -133,6 +146,17 @@ class ChaosReport:
     def to_json(self) -> str:
         """The counts as JSON, with `ok`."""
         return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
+
+    def _server_faults(self) -> str:
+        if not self.cluster_nodes:
+            return f"{self.server_restarts} server {'restart' if self.server_restarts == 1 else 'restarts'}"
+        nodes = "node" if self.node_kills == 1 else "nodes"
+        leaders = "leader" if self.leader_kills == 1 else "leaders"
+        restarted = "restarted" if self.node_restarts == self.node_kills else f"{self.node_restarts} restarted"
+        return f"{self.node_kills} {nodes} killed with SIGKILL ({self.leader_kills} {p.DEFAULT_REQUEST_STREAM} {leaders}), {restarted}"
+
+    def _where(self) -> str:
+        return f"a {self.cluster_nodes}-node cluster with R{self.cluster_nodes} streams, " if self.cluster_nodes else ""
 
 
 @dataclass(frozen=True)
@@ -248,24 +272,144 @@ class _Responders:
         self._log.close()
 
 
+# -- the server faults: the one server restarted, or a cluster node killed ---------------------------
+
+
+async def _start(server: EmbeddedServer) -> None:
+    """Start `server` and wait in a thread until it is ready.
+
+    The process is launched from this (the main) thread, so it still dies with this process.
+    """
+    server.launch()
+    await asyncio.to_thread(server.wait_ready)
+
+
+class _OneServer:
+    """The run's one server; its fault is a restart (same port, same store) with requests in flight."""
+
+    fault = "server restart"
+    coming_back = "the server to restart"
+    replicas = 1
+
+    def __init__(self, workdir: Path, report: ChaosReport):
+        self.server = EmbeddedServer(store_dir=workdir / "store")
+        self.report = report
+        self._back: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def start(self) -> None:
+        await _start(self.server)
+
+    async def inject(self, rng: random.Random) -> None:
+        """Stop the server (sends waiting for PubAcks, handlers mid-publish), and start it again in the background."""
+        await self.back()
+        await asyncio.to_thread(self.server.stop)
+        self._back = asyncio.create_task(_start(self.server))
+
+    async def back(self) -> None:
+        """Wait until the server stopped last is running again."""
+        if self._back is not None:
+            back, self._back = self._back, None
+            await back
+            self.report.server_restarts += 1
+
+    def close(self) -> None:
+        if self._back is not None:
+            self._back.cancel()
+        self.server.close()
+
+
+class _NodeKills:
+    """The run's cluster, every stream with a replica on each node; its fault is a node killed with SIGKILL.
+
+    The first node killed is the leader of REQUESTS; each later one leads a stream the seeded rng
+    picks. A killed node is restarted (same ports, same store) once the others have elected new
+    leaders for every stream, and before the next kill, so a majority is always up.
+    """
+
+    fault = "node kill"
+    coming_back = "the killed node to restart"
+    replicas = CLUSTER_SIZE
+
+    def __init__(self, workdir: Path, report: ChaosReport):
+        self.cluster = EmbeddedCluster(size=CLUSTER_SIZE, store_dir=workdir / "cluster")
+        self.report = report
+        self.streams = [
+            p.DEFAULT_REQUEST_STREAM,
+            p.DEFAULT_REPLY_STREAM,
+            f"KV_{p.ledger_bucket(p.DEFAULT_REPLY_STREAM)}",
+            EFFECTS_STREAM,
+            RUNS_STREAM,
+        ]
+        self._back: asyncio.Task | None = None
+        report.cluster_nodes = CLUSTER_SIZE
+
+    @property
+    def url(self) -> str:
+        return self.cluster.urls
+
+    async def start(self) -> None:
+        # On this (the main) thread, so the nodes die with this process; nothing else runs yet.
+        self.cluster.start()
+
+    async def inject(self, rng: random.Random) -> None:
+        """SIGKILL the node that leads REQUESTS (the first time) or a stream `rng` picks; restart it later."""
+        await self.back()
+        stream = p.DEFAULT_REQUEST_STREAM if not self.report.node_kills else rng.choice(self.streams)
+        await asyncio.sleep(rng.uniform(0, 2 * MAX_HANDLER_PAUSE))  # land anywhere in a handler
+        leaders = await asyncio.to_thread(self._leaders)
+        node = leaders[stream]
+        self.cluster.kill(node)
+        led = [name for name, leader in leaders.items() if leader == node]
+        self.report.node_kills += 1
+        self.report.leader_kills += p.DEFAULT_REQUEST_STREAM in led
+        self.report.nodes_killed.append(f"{node}, leader of {', '.join(led)}" if led else f"{node}, leader of none")
+        self._back = asyncio.create_task(self._restart(node))
+
+    async def back(self) -> None:
+        """Wait until the node killed last is running again."""
+        if self._back is not None:
+            back, self._back = self._back, None
+            await back
+            self.report.node_restarts += 1
+
+    def _leaders(self) -> dict[str, str]:
+        """Each stream's leader now (waiting, within ELECTION_TIMEOUT, for any that is electing one)."""
+        return {stream: self.cluster.leader(stream, ELECTION_TIMEOUT) for stream in self.streams}
+
+    async def _restart(self, node: str) -> None:
+        await asyncio.to_thread(self._leaders)  # the survivors have taken over every stream
+        await _start(self.cluster.server(node))  # back with its store; ready once it is current
+
+    def close(self) -> None:
+        if self._back is not None:
+            self._back.cancel()
+        self.cluster.close()
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
 class _Run:
-    """One chaos run on its own server: send with faults, an outage, collect, count."""
+    """One chaos run on its own server or cluster: send with faults, an outage, collect, count."""
 
-    def __init__(self, server: EmbeddedServer, responders: _Responders, rng: random.Random, report: ChaosReport):
+    def __init__(
+        self, server: _OneServer | _NodeKills, responders: _Responders, rng: random.Random, report: ChaosReport
+    ):
         self.server, self.responders, self.rng, self.report = server, responders, rng, report
         self.outcomes: dict[str, list[Reply]] = {}
         self.sending_done = asyncio.Event()
         self.doing = "starting"  # what the run is busy with, for the report of a run that timed out
-        self._server_back: asyncio.Task | None = None
 
     async def send(self, requester: Requester, planned: list[Planned], faults: dict[int, list[str]]) -> None:
         """Send each request in turn, injecting the faults planned before it."""
         for index, request in enumerate(planned):
             for fault in faults.get(index, []):
-                self.doing = f"injecting a {fault} before sending {request.request_id}"
+                what = self.server.fault if fault == "server" else fault
+                self.doing = f"injecting a {what} before sending {request.request_id}"
                 await self.inject(fault)
             self.doing = f"sending {request.request_id}"
             await self.send_one(requester, request)
@@ -298,17 +442,12 @@ class _Run:
             self.responders.kill(self.rng.choice(self.responders.ready))
             self.report.kills += 1
             self.responders.start_soon()
-        elif fault == "restart":
-            await self.server_is_back()
-            await asyncio.to_thread(self.server.stop)  # requests in flight, sends waiting for PubAcks
-            self._server_back = asyncio.create_task(asyncio.to_thread(self.server.start))
+        elif fault == "server":
+            await self.server.inject(self.rng)
 
     async def server_is_back(self) -> None:
-        if self._server_back is not None:
-            self.doing = "waiting for the server to restart"
-            back, self._server_back = self._server_back, None
-            await back
-            self.report.server_restarts += 1
+        self.doing = f"waiting for {self.server.coming_back}"
+        await self.server.back()
 
     async def outage(self, requester: Requester, short_lived: list[Planned], count: int) -> None:
         """Kill every responder, send the short-lived requests, let them expire, then start `count` responders."""
@@ -423,24 +562,30 @@ def _mismatch(request: Planned, reply: Reply) -> str:
     return ""  # a rejection is a clear outcome (404 no handler; 500 gave up after max_deliver)
 
 
-def plan_faults(sends: int, kills: int, server_restarts: int, rng: random.Random) -> dict[int, list[str]]:
-    """Before which send each fault happens: kills anywhere, restarts in the middle half of the sends."""
+def plan_faults(sends: int, kills: int, server_faults: int, rng: random.Random) -> dict[int, list[str]]:
+    """Before which send each fault happens: "kill" (a responder) anywhere, "server" in the middle half of the sends."""
     faults: dict[int, list[str]] = {}
     if sends < 2:
         return faults
-    for _ in range(server_restarts):
-        faults.setdefault(rng.randrange(sends // 4, max(sends // 4 + 1, 3 * sends // 4)), []).append("restart")
+    for _ in range(server_faults):
+        faults.setdefault(rng.randrange(sends // 4, max(sends // 4 + 1, 3 * sends // 4)), []).append("server")
     for _ in range(kills):
         faults.setdefault(rng.randrange(1, sends), []).append("kill")
     return faults
 
 
-async def _ensure_streams(js: JetStreamContext, window: float) -> None:
-    await ensure_request_stream(js)
-    await ensure_reply_stream(js)
+async def _ensure_streams(js: JetStreamContext, window: float, replicas: int) -> None:
+    await ensure_request_stream(js, replicas=replicas)
+    await ensure_reply_stream(js, replicas=replicas)
     for name, subjects in ((EFFECTS_STREAM, ["effects.*"]), (RUNS_STREAM, ["runs.*.*"])):
         await js.add_stream(
-            StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE, duplicate_window=window)
+            StreamConfig(
+                name=name,
+                subjects=subjects,
+                storage=StorageType.FILE,
+                duplicate_window=window,
+                num_replicas=replicas,
+            )
         )
 
 
@@ -454,33 +599,45 @@ async def run_chaos(
     timeout: float = 300.0,
     ack_wait: float = 2.0,
     max_deliver: int = 10,
+    cluster: bool = False,
+    node_kills: int | None = None,
 ) -> ChaosReport:
     """Run `requests` mailbox-mode requests through killed responders and server restarts, and count the outcomes.
 
     Starts its own server and `responders` responder processes, and leaves none of them behind.
     `kills` defaults to max(2, requests // 100). Requests still unaccounted for after `timeout`
     seconds count as lost.
+
+    With `cluster=True` the run has a three-node cluster of its own, with three replicas of every
+    stream, and the server fault is a node killed with SIGKILL rather than a server restart:
+    `node_kills` of them (default max(1, requests // 500); `server_restarts` is not used), the
+    first of the leader of REQUESTS, each restarted before the next.
     """
     if requests < 1 or responders < 1:
         raise ValueError("a chaos run needs at least one request and one responder")
+    if node_kills is not None and not cluster:
+        raise ValueError("node_kills needs a cluster: run_chaos(..., cluster=True) (--cluster)")
     kills = max(2, requests // 100) if kills is None else kills
+    if cluster and node_kills is None:
+        node_kills = max(1, requests // 500)
+    server_faults = node_kills if cluster else server_restarts
     rng = random.Random(seed)
     planned = plan_requests(requests, rng)
     main = [request for request in planned if request.kind != "short-lived"]
     short_lived = [request for request in planned if request.kind == "short-lived"]
-    faults = plan_faults(len(main), kills, server_restarts, rng)
+    faults = plan_faults(len(main), kills, server_faults, rng)
     report = ChaosReport(responders=responders, seed=seed)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jrr-chaos-") as workdir:
-        server = EmbeddedServer(store_dir=Path(workdir) / "store")
+        server = _NodeKills(Path(workdir), report) if cluster else _OneServer(Path(workdir), report)
         pool: _Responders | None = None
         nc = requester = None
         tasks: list[asyncio.Task] = []
         try:
-            await asyncio.to_thread(server.start)
+            await server.start()
             nc = await connect(server.url)
             js = nc.jetstream()
-            await _ensure_streams(js, window=max(600.0, timeout + 60))
+            await _ensure_streams(js, window=max(600.0, timeout + 60), replicas=server.replicas)
             pool = _Responders(server.url, Path(workdir), ack_wait, max_deliver, seed)
             await pool.start(responders)
             requester = Requester(nc, mailbox=MAILBOX)
@@ -528,17 +685,25 @@ async def run_chaos(
 
 def command(args: argparse.Namespace) -> int:
     """Run `python -m js_request_reply chaos`: print the table (or JSON); exit 1 if anything was lost or doubled."""
+    if args.cluster and args.server_restarts is not None:
+        raise ValueError(
+            "--server-restarts restarts the one server; with --cluster, nodes are killed: use --node-kills"
+        )
+    if args.node_kills is not None and not args.cluster:
+        raise ValueError("--node-kills needs --cluster: a single server has no nodes to kill (see --server-restarts)")
     report = asyncio.run(
         _cancel_on_sigterm(
             run_chaos(
                 args.requests,
                 responders=args.responders,
                 kills=args.kills,
-                server_restarts=args.server_restarts,
+                server_restarts=1 if args.server_restarts is None else args.server_restarts,
                 seed=args.seed,
                 timeout=args.timeout,
                 ack_wait=args.ack_wait,
                 max_deliver=args.max_deliver,
+                cluster=args.cluster,
+                node_kills=args.node_kills,
             )
         )
     )

@@ -193,8 +193,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_main  # loaded on use, like chaos
 
-    url = args.url or os.environ.get("NATS_URL", "").strip() or None  # None: a fresh embedded server
-    return asyncio.run(bench_main(url, quick=args.quick, emit_json=args.json, requests=args.requests))
+    url = args.url or os.environ.get("NATS_URL", "").strip() or None  # None: a fresh embedded server (or cluster)
+    return asyncio.run(
+        bench_main(url, quick=args.quick, emit_json=args.json, requests=args.requests, replicas=args.replicas)
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,12 +248,25 @@ def parser() -> argparse.ArgumentParser:
     collect.set_defaults(run=lambda args: asyncio.run(_collect(args)))
 
     chaos = commands.add_parser(
-        "chaos", help="kill responders and restart a server of its own mid-run; count what was lost (exit 1 if any)"
+        "chaos",
+        help="kill responders and restart a server (or kill cluster nodes) of its own mid-run; "
+        "count what was lost (exit 1 if any)",
     )
     chaos.add_argument("--requests", type=int, default=200, help="how many requests to send (default 200)")
     chaos.add_argument("--responders", type=int, default=3, help="responder processes (default 3)")
     chaos.add_argument("--kills", type=int, default=None, help="SIGKILLs at random points (default max(2, N/100))")
-    chaos.add_argument("--server-restarts", type=int, default=1, help="server restarts mid-run (default 1)")
+    chaos.add_argument("--server-restarts", type=int, default=None, help="server restarts mid-run (default 1)")
+    chaos.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on a 3-node cluster of its own with R3 streams, killing nodes (stream leaders) instead",
+    )
+    chaos.add_argument(
+        "--node-kills",
+        type=int,
+        default=None,
+        help="with --cluster: nodes killed with SIGKILL, the first the REQUESTS leader (default max(1, N/500))",
+    )
     chaos.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     chaos.add_argument("--timeout", type=float, default=300.0, help="seconds until the rest counts as lost")
     chaos.add_argument("--ack-wait", type=float, default=2.0, help="responders' ack_wait: redelivery after a kill")
@@ -266,6 +281,13 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
     bench.add_argument("--quick", action="store_true", help="a tiny run that checks the benchmark works")
     bench.add_argument("--requests", type=int, default=None, help="requests per measurement (default 2000)")
+    bench.add_argument(
+        "--replicas",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="3: on a 3-node cluster (its own, without --url), add R3 rows with ratios to R1 (default 1)",
+    )
     bench.set_defaults(run=cmd_bench)
 
     lab = commands.add_parser(
