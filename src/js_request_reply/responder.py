@@ -22,15 +22,12 @@ from . import protocol as p
 from .errors import PayloadTooLarge, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
+from .settling import ACK, NAK_LATER, Settler
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
 
 PULL_EXPIRY = 1.0  # seconds a pull request waits on the server; a lost one is re-issued after this
-CONFIRM_TIMEOUT = 1.0  # seconds to wait for the server to confirm an ack sent after a disruption
-RECENT_WINDOW = 15.0  # acks this recent are sent again after a disruption (an election takes 4-9 s)
-ACK = b"+ACK"
-NAK_LATER = b'-NAK {"delay": 1000000000}'  # redeliver in a second
 STATUS_HEARTBEAT = "100"
 
 
@@ -109,12 +106,8 @@ class Responder:
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
         self._leaderless = False  # the last pull got a 503: the consumer had no leader
-        # Disruptions seen (consumer elections, reconnects): a request delivered before one is settled confirmed.
-        self._disruptions = 0
-        self._reconnects_seen = nc.stats.get("reconnects", 0)
-        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()  # (when, ack subject, verdict)
-        self._resending: set[asyncio.Task] = set()
-        self._leader_sub: Any = None
+        self._settler = Settler(nc, stream, durable, ack_wait)
+        self._leader_subs: list[Any] = []
 
     @property
     def running(self) -> bool:
@@ -135,9 +128,14 @@ class Responder:
             queue=f"jrr-{self.stream}-{self.durable}",
             cb=self._on_max_deliveries,
         )
-        self._leader_sub = await self.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self.stream}.{self.durable}", cb=self._on_leader_elected
-        )
+        # Every responder of the group confirms its recent acks to a new consumer leader; one resets it.
+        elected = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self.stream}.{self.durable}"
+        self._leader_subs = [
+            await self.nc.subscribe(elected, cb=self._on_leader_elected),
+            await self.nc.subscribe(
+                elected, queue=f"jrr-{self.stream}-{self.durable}", cb=self._on_leader_elected_reclaim
+            ),
+        ]
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
         self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name=f"keep-alive-{self.name}")
         return self
@@ -159,16 +157,17 @@ class Responder:
         closed = self.nc.is_closed  # a closed connection has no pull left open and nothing to unsubscribe
         if self._round_end is not None and not closed:
             await asyncio.wait({self._round_end}, timeout=PULL_EXPIRY + 0.5)
-        if self._tasks or self._resending:
-            await asyncio.wait(self._tasks | self._resending, timeout=timeout)
+        if self._tasks or self._settler.tasks:
+            await asyncio.wait(self._tasks | self._settler.tasks, timeout=timeout)
         if self._keep_alive_task is not None:
             self._keep_alive_task.cancel()
             await asyncio.gather(self._keep_alive_task, return_exceptions=True)
-        for sub in (self._deliver_sub, self._advisory_sub, self._leader_sub):
+        for sub in (self._deliver_sub, self._advisory_sub, *self._leader_subs):
             if sub is not None and not closed:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
-        self._deliver_sub = self._advisory_sub = self._leader_sub = self._pull_task = None
+        self._deliver_sub = self._advisory_sub = self._pull_task = None
+        self._leader_subs = []
 
     async def __aenter__(self) -> Responder:
         return await self.start()
@@ -223,7 +222,7 @@ class Responder:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            self._note_disruptions()
+            self._settler.check_connection()
             self._round_left = free
             self._round_end = loop.create_future()
             pull = {"batch": free, "expires": int(PULL_EXPIRY * 1e9)}
@@ -242,14 +241,14 @@ class Responder:
         if status:
             if status == p.NO_RESPONDERS_STATUS:
                 self._leaderless = True  # nobody took the pull: the consumer is electing a leader
-                self._disrupted()
+                self._settler.disrupted()
             if status != STATUS_HEARTBEAT:
                 self._end_round()  # 408 expired, 409 ended by the server, 404 nothing waiting, 503
             return
         self._round_left -= 1
         if self._round_left <= 0:
             self._end_round()
-        msg._jrr_disruptions = self._disruptions  # type: ignore[attr-defined]
+        self._settler.delivered(msg)
         if self._stopping:
             await msg.nak()
             return
@@ -270,7 +269,7 @@ class Responder:
         if not p.is_valid_publish_subject(reply_to):
             present = p.REPLY_HEADER in headers  # an empty header is there, but still names no subject
             why = f"Nats-Reply {reply_to!r} is not a valid subject" if present else "no Nats-Reply header"
-            await self._settle(msg, term_verdict(f"{p.BAD_REQUEST} {why}"))
+            await self._settler.settle(msg, term_verdict(f"{p.BAD_REQUEST} {why}"))
             self._record(msg, "", "terminated", why, delivery)
             return
         # Kept alive with in-progress acks until settled: the handler, and storing its reply while a
@@ -299,68 +298,16 @@ class Responder:
             await self._reject(msg, reply_to, request_id, p.HANDLER_FAILED, detail, delivery)
             return
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
-            await self._settle(msg, ACK)
+            await self._settler.settle(msg, ACK)
             self._record(msg, request_id, "replied", "", delivery)
-
-    async def _settle(self, msg: Msg, verdict: bytes) -> None:
-        """Send `verdict` (+ACK, +TERM <reason>, -NAK) for `msg`, so that a consumer's change of leader cannot lose it.
-
-        Acks are fire-and-forget: one that reaches a consumer while it elects a new leader (the
-        server of its old leader died) is lost, and the request would wait a whole ack_wait before
-        anyone took it again. So a request delivered before a disruption (a pull answered 503, a
-        reconnect, a new consumer leader) is settled with a confirmed ack, retried until the new
-        leader takes it; and acks sent shortly before a disruption are sent again, confirmed.
-        """
-        self._note_disruptions()
-        if self._disruptions != getattr(msg, "_jrr_disruptions", self._disruptions):
-            await self._confirm(msg.reply, verdict)
-            return
-        if verdict == ACK:
-            await msg.ack()
-        elif verdict == NAK_LATER:
-            await msg.nak(delay=1)
-        else:
-            await self.nc.publish(msg.reply, verdict)
-        if verdict != NAK_LATER:  # an ack or a term is safe to repeat; a second nak would count twice
-            now = time.monotonic()
-            self._recent.append((now, msg.reply, verdict))
-            while self._recent and now - self._recent[0][0] > RECENT_WINDOW:
-                self._recent.popleft()
-
-    async def _confirm(self, ack_subject: str, verdict: bytes) -> None:
-        """Send `verdict` as a request and wait for the server's confirmation, retrying within ack_wait."""
-        backoff = Backoff()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.ack_wait):
-                while True:
-                    with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                        await self.nc.request(ack_subject, verdict, timeout=CONFIRM_TIMEOUT)
-                        return
-                    await backoff.wait()
-
-    def _disrupted(self) -> None:
-        """The consumer or the connection was disrupted: settle again, confirmed, what was settled just before."""
-        self._disruptions += 1
-        recent, self._recent = self._recent, collections.deque()
-        if recent:
-            task = asyncio.create_task(self._confirm_all(recent))
-            self._resending.add(task)
-            task.add_done_callback(self._resending.discard)
-
-    async def _confirm_all(self, recent: collections.deque) -> None:
-        for _, ack_subject, verdict in recent:
-            await self._confirm(ack_subject, verdict)
-
-    def _note_disruptions(self) -> None:
-        """Notice a reconnect of this connection since the last look."""
-        reconnects = self.nc.stats.get("reconnects", 0)
-        if reconnects != self._reconnects_seen:
-            self._reconnects_seen = reconnects
-            self._disrupted()
 
     async def _on_leader_elected(self, advisory: Msg) -> None:
         """The consumer has a new leader: acks sent to the old one may be lost."""
-        self._disrupted()
+        self._settler.disrupted()
+
+    async def _on_leader_elected_reclaim(self, advisory: Msg) -> None:
+        """One responder of the group: what the old leader delivered and nobody settled is delivered again."""
+        self._settler.disrupted(reclaim=True)
 
     async def _keep_alive_loop(self) -> None:
         """Every third of ack_wait, send in-progress acks for handlers running longer than that.
@@ -413,7 +360,7 @@ class Responder:
         description = p.fit_description(description)
         headers = {p.SERVICE_ERROR_HEADER: description, p.SERVICE_ERROR_CODE_HEADER: str(code)}
         if await self._send_reply(msg, reply_to, request_id, b"", headers, delivery):
-            await self._settle(msg, term_verdict(f"{code} {description}"))
+            await self._settler.settle(msg, term_verdict(f"{code} {description}"))
             self._record(msg, request_id, "rejected", f"{code} {description}", delivery)
 
     async def _send_reply(self, msg, reply_to, request_id, data: bytes, headers: dict, delivery: int) -> bool:
@@ -421,7 +368,9 @@ class Responder:
         problem = await self._publish_reply(msg.subject, msg.headers, reply_to, request_id, data, headers)
         if problem is None:
             return True
-        await self._settle(msg, NAK_LATER)  # the request stays queued and is answered when the mailbox can take it
+        await self._settler.settle(
+            msg, NAK_LATER
+        )  # the request stays queued and is answered when the mailbox can take it
         self._record(msg, request_id, "retried", problem, delivery)
         return False
 

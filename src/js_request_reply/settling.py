@@ -1,0 +1,109 @@
+"""Settling requests so that a server's death cannot strand them: acks that survive a consumer's change of leader.
+
+A Responder acks, terminates or naks each request it took. Acks are fire-and-forget: one that
+reaches a consumer while it elects a new leader (the server of its old leader died) is lost, and
+so is a delivery still in a dead server's buffers. Either way the request would wait a whole
+ack_wait before anyone took it again. `Settler` closes both gaps for one Responder:
+
+- after a disruption (a pull answered 503, a reconnect, a new consumer leader) it settles every
+  request delivered before it with a confirmed ack, and sends again, confirmed, the acks it sent in
+  the RECENT_WINDOW seconds before it;
+- in a cluster, after its connection moved to another server or the consumer got a new leader, it
+  resets the consumer to its ack floor (`$JS.API.CONSUMER.RESET`, nats-server 2.14 and newer), so
+  every request delivered but not settled is delivered again at once. A request a responder is
+  still working on may then run twice: handlers run at least once, never exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from .failover import Backoff, in_cluster
+
+ACK = b"+ACK"
+NAK_LATER = b'-NAK {"delay": 1000000000}'  # deliver again in a second
+CONFIRM_TIMEOUT = 1.0  # seconds to wait for the server to confirm an ack sent after a disruption
+RECENT_WINDOW = 15.0  # acks this recent are sent again after a disruption (an election takes 4-9 s)
+
+
+class Settler:
+    """Acks, terms and naks for one Responder's consumer, confirmed where a disruption could lose them."""
+
+    def __init__(self, nc: Client, stream: str, durable: str, ack_wait: float):
+        self.nc = nc
+        self.reset_subject = f"$JS.API.CONSUMER.RESET.{stream}.{durable}"
+        self.ack_wait = ack_wait
+        self.tasks: set[asyncio.Task] = set()  # confirmations and resets under way; stop() waits for them
+        self._disruptions = 0
+        self._reconnects_seen = nc.stats.get("reconnects", 0)
+        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()  # when, ack subject, verdict
+
+    def delivered(self, msg: Msg) -> None:
+        """Note when `msg` arrived: before or after the latest disruption."""
+        msg._jrr_disruptions = self._disruptions  # type: ignore[attr-defined]
+
+    async def settle(self, msg: Msg, verdict: bytes) -> None:
+        """Send `verdict` (ACK, NAK_LATER, or `+TERM <reason>`) for `msg`: at once, or confirmed after a disruption."""
+        self.check_connection()
+        if self._disruptions != getattr(msg, "_jrr_disruptions", self._disruptions):
+            await self._confirm(msg.reply, verdict)
+            return
+        if verdict == ACK:
+            await msg.ack()
+        elif verdict == NAK_LATER:
+            await msg.nak(delay=1)
+        else:
+            await self.nc.publish(msg.reply, verdict)
+        if verdict != NAK_LATER:  # an ack or a term is safe to repeat; a second nak would count twice
+            now = time.monotonic()
+            self._recent.append((now, msg.reply, verdict))
+            while self._recent and now - self._recent[0][0] > RECENT_WINDOW:
+                self._recent.popleft()
+
+    def check_connection(self) -> None:
+        """Notice a reconnect since the last look: the connection's server may have died with deliveries in it."""
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects_seen:
+            self._reconnects_seen = reconnects
+            self.disrupted(reclaim=True)
+
+    def disrupted(self, *, reclaim: bool = False) -> None:
+        """The consumer or the connection was disrupted: confirm what was settled just before it.
+
+        With `reclaim`, in a cluster, also reset the consumer so what it delivered and nobody
+        settled is delivered again now.
+        """
+        self._disruptions += 1
+        recent, self._recent = self._recent, collections.deque()
+        reclaim = reclaim and in_cluster(self.nc)
+        if recent or reclaim:
+            self._start(self._recover(recent, reclaim))
+
+    async def _recover(self, recent: collections.deque, reclaim: bool) -> None:
+        for _, ack_subject, verdict in recent:
+            await self._confirm(ack_subject, verdict)
+        if reclaim:  # after the acks above, so what was answered is not delivered again
+            await self._confirm(self.reset_subject, b"")
+
+    async def _confirm(self, subject: str, payload: bytes) -> None:
+        """Send `payload` as a request and wait for the server's answer, retrying within ack_wait."""
+        backoff = Backoff()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.ack_wait):
+                while True:
+                    with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                        await self.nc.request(subject, payload, timeout=CONFIRM_TIMEOUT)
+                        return
+                    await backoff.wait()
+
+    def _start(self, work) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
