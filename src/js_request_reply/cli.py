@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats.errors
+
 from . import protocol as p
 from .cluster import EmbeddedCluster
 from .connection import connect
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (JsRequestReplyError, ValueError) as exc:
         complain(f"error: {exc}")
+        return 2
+    except nats.errors.Error as exc:  # the server refused or did not answer: say so, without a traceback
+        complain(f"error: {type(exc).__name__}: {exc}")
         return 2
     except KeyboardInterrupt:
         return 130

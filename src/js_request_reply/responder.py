@@ -19,8 +19,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
-from .errors import PayloadTooLarge, Reject, StreamConflict, StreamNotFound
-from .failover import Backoff, is_leaderless
+from .errors import NoLeader, PayloadTooLarge, Reject, StreamConflict, StreamNotFound
+from .failover import Backoff, is_leaderless, while_electing
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
 from .settling import ACK, NAK_LATER, Settler
 
@@ -28,6 +28,7 @@ Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # no
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
 
 PULL_EXPIRY = 1.0  # seconds a pull request waits on the server; a lost one is re-issued after this
+START_TIMEOUT = 15.0  # seconds start() waits for the consumer, through a leader election
 STATUS_HEARTBEAT = "100"
 
 
@@ -190,7 +191,13 @@ class Responder:
             max_deliver=self.max_deliver,
         )
         try:
-            await self.nc.jetstream().add_consumer(self.stream, config)
+            async with asyncio.timeout(START_TIMEOUT):
+                await while_electing(lambda: self.nc.jetstream().add_consumer(self.stream, config))
+        except TimeoutError:
+            raise NoLeader(
+                f"durable {self.durable!r} on {self.stream!r} could not be created or bound within "
+                f"{START_TIMEOUT:g}s: JetStream did not answer (a cluster with no meta or stream leader?)"
+            ) from None
         except NotFoundError:
             raise StreamNotFound(
                 f"stream {self.stream!r} does not exist; create it with ensure_request_stream(js)"
