@@ -52,17 +52,23 @@ def processes(match) -> set[int]:
     return found
 
 
-def test_chaos_prints_one_table_and_exits_0_when_nothing_was_lost():
-    result = chaos("--requests", "40", "--responders", "2", "--kills", "2", "--server-restarts", "1")
-
+def nothing_lost(result: subprocess.CompletedProcess, sent: int) -> list[str]:
+    """Check the table says `sent` requests, each with an outcome, none lost or doubled; the lines below it."""
     assert result.returncode == 0, result.stdout + result.stderr
     header, row, *rest = result.stdout.splitlines()
     assert re.split(r"\s{2,}", header.strip()) == COLUMNS
     counts = dict(zip(COLUMNS, map(int, row.split()), strict=True))
-    assert counts["sent"] == 40
+    assert counts["sent"] == sent
     assert counts["lost"] == 0
     assert counts["duplicate side effects"] == 0
-    assert counts["answered"] + counts["rejected"] + counts["expired"] == 40
+    assert counts["answered"] + counts["rejected"] + counts["expired"] == sent
+    return rest
+
+
+def test_chaos_prints_one_table_and_exits_0_when_nothing_was_lost():
+    result = chaos("--requests", "40", "--responders", "2", "--kills", "2", "--server-restarts", "1")
+
+    rest = nothing_lost(result, 40)
     assert any(line.startswith("faults:   2 responders killed with SIGKILL") for line in rest), result.stdout
     assert not any(line.startswith("PROBLEM") for line in rest), result.stdout
     assert "Traceback" not in result.stderr
@@ -93,14 +99,7 @@ def test_chaos_json_counts_every_request_after_kills_and_a_server_restart():
 def test_chaos_on_a_cluster_loses_nothing_when_the_requests_leader_is_killed():
     result = chaos("--cluster", "--requests", "40", "--responders", "2", "--node-kills", "1")
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    header, row, *rest = result.stdout.splitlines()
-    assert re.split(r"\s{2,}", header.strip()) == COLUMNS
-    counts = dict(zip(COLUMNS, map(int, row.split()), strict=True))
-    assert counts["sent"] == 40
-    assert counts["lost"] == 0
-    assert counts["duplicate side effects"] == 0
-    assert counts["answered"] + counts["rejected"] + counts["expired"] == 40
+    rest = nothing_lost(result, 40)
     faults = next(line for line in rest if line.startswith("faults:"))
     assert faults.endswith("1 node killed with SIGKILL (1 REQUESTS leader), restarted"), result.stdout
     assert re.search(r"^killed:   n[123], leader of REQUESTS\b", result.stdout, re.MULTILINE), result.stdout
