@@ -10,7 +10,7 @@ import nats.errors
 import pytest
 
 import js_request_reply as jrr
-from js_request_reply.display import TappedMessage, classify, drawable
+from js_request_reply.display import TappedMessage, classify, drawable, replica_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 R, N, S = "Requester", "NATS", "Responder"
@@ -82,6 +82,35 @@ async def test_a_timed_out_request_is_drawn_with_its_delete_and_a_resend_as_dupl
         (stream, R, "PubAck (duplicate)"),
         (R, stream, "delete #1"),
     ]
+
+
+async def test_copies_of_a_request_nobody_answered_are_drawn_once_before_the_copy_that_is_stored(nc, js):
+    # What a requester in a cluster does while its stream elects a leader: publish the same request
+    # again, same reply subject and Nats-Msg-Id, until a stream stores it. Here no stream captures
+    # the subject at first, and the tap, being a subscriber, keeps the server from answering 503.
+    stream, prefix = names()
+    inbox = nc.new_inbox()
+    copy = {"Nats-Reply": f"{inbox}.reply", "Nats-Msg-Id": "order-7"}
+    sub = await nc.subscribe(inbox)
+    try:
+        async with jrr.Wiretap() as tap:
+            for _ in range(3):
+                await nc.publish(f"{prefix}.bagel", b"", reply=inbox, headers=copy)
+            await jrr.ensure_request_stream(js, name=stream, subjects=[f"{prefix}.*"])
+            await nc.publish(f"{prefix}.bagel", b"", reply=inbox, headers=copy)
+            pub_ack = await sub.next_msg(timeout=5)
+            await tap.stop(nc)
+    finally:
+        await sub.unsubscribe()
+        await jrr.delete_streams(js, stream)
+
+    assert b'"seq":1' in pub_ack.data
+    assert arrows(tap) == [
+        (R, N, f"publish {prefix}.bagel: no answer, sent again"),
+        (R, stream, f"publish {prefix}.bagel"),
+        (stream, R, "PubAck #1"),
+    ]
+    assert repr(tap.diagram()) == f"SequenceDiagram(3 steps: Requester, NATS, {stream})"
 
 
 async def test_a_mailbox_reply_is_stored_then_collected(nc, js):
@@ -226,3 +255,45 @@ async def test_stream_table_lists_stored_requests_with_their_reply_subject(js):
     assert first["seq"].tolist() == [1]
     with pytest.raises(jrr.StreamNotFound, match=f"stream '{stream}' does not exist"):
         await jrr.stream_table(js, stream)
+
+
+async def test_replica_table_shows_each_copy_and_where_it_is():
+    with jrr.EmbeddedCluster() as cluster:
+        nc = await jrr.connect(cluster.urls)
+        try:
+            js = nc.jetstream()
+            stream, prefix = names()
+            await jrr.ensure_request_stream(js, name=stream, subjects=[f"{prefix}.*"], replicas=3)
+            await js.publish(f"{prefix}.one", b"kept")
+            settled = await replica_table(js, stream, cluster=cluster)
+            with pytest.raises(jrr.StreamNotFound, match="stream 'NONE' does not exist; create it first"):
+                await replica_table(js, "NONE", cluster=cluster)
+            leader = settled.loc[settled["leader"], "node"].item()
+            meta_leader = cluster.meta_leader()
+            follower = next(name for name in cluster.names if name not in (leader, meta_leader))
+            cluster.kill(follower)  # the stream and the cluster keep their leaders, so stream info answers at once
+            after_kill = await replica_table(js, stream, cluster=cluster)
+        finally:
+            await nc.close()
+
+    assert list(settled.columns) == ["stream", "node", "running", "leader", "current", "lag"]
+    assert settled.to_dict("records") == [
+        {"stream": stream, "node": name, "running": True, "leader": name == leader, "current": True, "lag": 0}
+        for name in ["n1", "n2", "n3"]
+    ]
+    assert after_kill.set_index("node")["running"].to_dict() == {name: name != follower for name in cluster.names}
+    assert after_kill.set_index("node")["current"].to_dict() == {name: name != follower for name in cluster.names}
+    assert after_kill.loc[after_kill["leader"], "node"].item() == leader
+
+
+async def test_replica_table_of_a_stream_on_one_server_shows_its_one_copy(js):
+    stream, prefix = names()
+    await jrr.ensure_request_stream(js, name=stream, subjects=[f"{prefix}.*"])
+    try:
+        table = await replica_table(js, stream)
+    finally:
+        await js.delete_stream(stream)
+
+    assert list(table.columns) == ["stream", "node", "leader", "current", "lag"]
+    assert len(table) == 1
+    assert table.loc[0, ["stream", "leader", "current", "lag"]].tolist() == [stream, True, True, 0]

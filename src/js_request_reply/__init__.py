@@ -32,7 +32,7 @@ from .streams import delete_streams, ensure_reply_stream, ensure_request_stream,
 
 # The display helpers need pandas and matplotlib, which take a second to import: load them on first
 # use, so the command line and responders start fast.
-_DISPLAY = ("Arrow", "SequenceDiagram", "Wiretap", "replies_table", "stream_state", "stream_table")
+_DISPLAY = ("Arrow", "SequenceDiagram", "Wiretap", "replica_table", "replies_table", "stream_state", "stream_table")
 
 
 def __getattr__(name: str):
@@ -76,6 +76,7 @@ __all__ = [
     "ensure_reply_stream",
     "ensure_request_stream",
     "menu_handlers",
+    "replica_table",
     "replies_table",
     "request",
     "request_id",

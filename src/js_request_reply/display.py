@@ -1,7 +1,8 @@
 """Notebook display: record what a scenario really exchanged, and draw it as a sequence diagram.
 
 `Wiretap` listens to every subject on its own connection, `SequenceDiagram` draws the arrows as a
-PNG that renders on GitHub and nbviewer too, and `stream_table` lists what a stream holds.
+PNG that renders on GitHub and nbviewer too, `stream_table` lists what a stream holds, and
+`replica_table` shows where a cluster keeps each stream's copies.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from nats.nuid import NUID
 
 from . import protocol as p
 from .connection import connect
-from .errors import StreamNotFound
+from .errors import NoLeader, StreamNotFound
+from .failover import UNAVAILABLE
 from .requester import Reply
 from .streams import jetstream
 
@@ -46,6 +48,8 @@ MARKER_PREFIX = "_WIRETAP."
 PLUMBING = ("$JS.EVENT.", "$KV.", "$O.", MARKER_PREFIX)  # subjects never drawn
 STORE_STREAMS = ("KV_", "OBJ_")  # streams behind key-value buckets and object stores
 PAYLOAD_CHARS = 24
+NO_ANSWER = "no answer, sent again"  # the label of copies of a request that nobody answered
+ASK_TIMEOUT = 1.0  # seconds replica_table waits for one answer to a stream info request
 
 __all__ = [
     "Arrow",
@@ -54,6 +58,7 @@ __all__ = [
     "Wiretap",
     "classify",
     "drawable",
+    "replica_table",
     "replies_table",
     "stream_state",
     "stream_table",
@@ -215,6 +220,10 @@ def classify(messages: Sequence[TappedMessage]) -> list[Arrow]:
     Pull requests, JetStream API calls and their answers, advisories and pull status messages are
     left out. Each PubAck is placed right after the publish it answers: the server sends it and the
     delivery to a responder at about the same time, so their order on the wire varies.
+
+    A request published again with the same reply subject and `Nats-Msg-Id` (in a cluster, a copy
+    that got no answer is sent again) is drawn as one red arrow for the copies nobody answered,
+    however many there were, then the copy that was answered.
     """
     return _Classifier(messages).arrows()
 
@@ -231,13 +240,22 @@ class _Classifier:
         self.inboxes: set[str] = set()  # every reply subject asked with
         self.nats_replies: set[str] = set()
         self.reply_streams: set[str] = {p.DEFAULT_REPLY_STREAM}
+        self.unanswered_copies: dict[int, int] = {}  # a copy nobody answered -> the first of its run
         waiting: dict[str, collections.deque[int]] = {}  # reply subject -> questions not yet answered
+        runs: dict[str, int] = {}  # reply subject -> the first of the copies nobody answered, since the last answer
         for i, msg in enumerate(self.messages):
             if waiting.get(msg.subject):
                 question = waiting[msg.subject].popleft()  # answers come in the order asked
                 self.answer[question], self.question[i] = i, question
+                runs.pop(msg.subject, None)
             if msg.reply and not msg.reply.startswith("$JS.ACK."):
-                waiting.setdefault(msg.reply, collections.deque()).append(i)
+                queue = waiting.setdefault(msg.reply, collections.deque())
+                if queue and _same_request(self.messages[queue[-1]], msg):
+                    # Sent again because nothing answered: the copies still waiting will get no answer.
+                    first = runs.setdefault(msg.reply, queue[0])
+                    self.unanswered_copies.update((copy, first) for copy in queue)
+                    queue.clear()
+                queue.append(i)
                 self.inboxes.add(msg.reply)
             if p.REPLY_HEADER in msg.headers:
                 self.nats_replies.add(msg.headers[p.REPLY_HEADER])
@@ -315,6 +333,10 @@ class _Classifier:
 
     def _stored_request(self, i: int, msg: TappedMessage) -> list[tuple[Arrow, int | None]]:
         """A publish with Nats-Reply: a request stored in the stream that answers with a PubAck."""
+        if i in self.unanswered_copies:
+            if self.unanswered_copies[i] != i:
+                return []  # drawn once, with the first copy nobody answered
+            return [(Arrow(REQUESTER, SERVER, f"publish {msg.subject}: {NO_ANSWER}"), None)]
         answer = self._answer_of(i)
         stored = _pub_ack(answer)
         if stored is not None and stored.get("stream"):
@@ -345,6 +367,16 @@ class _Classifier:
             label = f"{_pub_ack_label(stored)} (not a reply!)"
             return [(Arrow(REQUESTER, stream, asked), None), (Arrow(stream, REQUESTER, label), i)]
         return [(Arrow(REQUESTER, RESPONDER, asked), None), (Arrow(RESPONDER, REQUESTER, _reply_label(answer)), j)]
+
+
+def _same_request(earlier: TappedMessage, later: TappedMessage) -> bool:
+    """True when `later` is `earlier` published again: same subject, reply subject and Nats-Msg-Id."""
+    msg_id = earlier.headers.get(p.MSG_ID_HEADER)
+    return (
+        msg_id is not None
+        and later.headers.get(p.MSG_ID_HEADER) == msg_id
+        and (later.subject, later.reply) == (earlier.subject, earlier.reply)
+    )
 
 
 def _json(data: bytes) -> dict[str, Any]:
@@ -493,7 +525,8 @@ def _shorten(text: str, limit: int = LABEL_CHARS) -> str:
 
 def _style(label: str) -> tuple[str, str]:
     """(color, linestyle): answers are dashed, failures red, acknowledgements grey."""
-    failed = label.startswith(("error", "503", "term", "nak", "not stored")) or "(not a reply!)" in label
+    failed = label.startswith(("error", "503", "term", "nak", "not stored"))
+    failed = failed or label.endswith(("(not a reply!)", NO_ANSWER))
     answer = label.startswith(("PubAck", "reply", "error", "503", "not stored"))
     color = ALARM if failed else QUIET if label.startswith(("PubAck", "ack", "in progress")) else INK
     return color, "--" if answer else "-"
@@ -728,3 +761,67 @@ def replies_table(replies: Iterable[Reply]) -> pd.DataFrame:
         rows.append((reply.headers.get(p.REQUEST_SUBJECT_HEADER, ""), reply.text, code, description))
     table = pd.DataFrame(rows, columns=["request", "reply", "error code", "error description"])
     return table.sort_values(["request", "reply"], ignore_index=True, kind="stable")
+
+
+async def replica_table(
+    js: JetStreamContext | Client, *streams: str, cluster: Any = None, timeout: float = 5.0
+) -> pd.DataFrame:
+    """Where a cluster keeps each stream's copies: one row per copy, sorted by stream (in the order given), then node.
+
+    Columns: stream, node, running (when `cluster`, an EmbeddedCluster, is given), leader (True for
+    the copy that stores new messages and answers the stream's API requests), current (the copy has
+    all the leader has) and lag (how many operations it is behind, as the leader last heard). With
+    `cluster`, a copy on a node that is not running is never current (the leader may not have
+    noticed yet), and this waits up to `timeout` seconds until the copies on running nodes are
+    current, so a table taken just after a restart or a burst of requests shows the settled state;
+    a copy still behind then is shown so. Raises NoLeader when a stream has had no leader for all
+    of `timeout` (its cluster is electing one) and StreamNotFound when a stream does not exist.
+    """
+    js = jetstream(js)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        rows = [row for stream in streams for row in await _copies(js, stream, deadline)]
+        if cluster is not None:
+            running = {node.name: node.running for node in cluster.servers}
+            for row in rows:
+                row["running"] = running.get(row["node"], False)
+                row["current"] = row["current"] and row["running"]
+        settled = all(row["current"] for row in rows if row.get("running", True))
+        if settled or cluster is None or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.05)  # polling: the server announces no change of a copy's state
+    columns = ["stream", "node", *(["running"] if cluster is not None else []), "leader", "current", "lag"]
+    order = {stream: i for i, stream in enumerate(streams)}
+    rows.sort(key=lambda row: (order[row["stream"]], row["node"]))
+    return pd.DataFrame(rows, columns=columns)
+
+
+async def _copies(js: JetStreamContext, stream: str, deadline: float) -> list[dict[str, Any]]:
+    """One row per copy of `stream`, from its stream info, asked again until `deadline` while it has no leader."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            async with asyncio.timeout(min(max(deadline - loop.time(), 0.2), ASK_TIMEOUT)):
+                info = await js.stream_info(stream)  # a request lost with a dying server is asked again
+            if info.cluster is None or info.cluster.leader:
+                break  # one server (no cluster info), or a cluster's stream with a leader
+        except NotFoundError:
+            raise StreamNotFound(
+                f"stream {stream!r} does not exist; create it first, with ensure_request_stream(js, ...) for example"
+            ) from None
+        except (*UNAVAILABLE, TimeoutError):
+            pass  # no leader to answer: asked again below, until the deadline
+        if loop.time() >= deadline:
+            raise NoLeader(
+                f"stream {stream!r} has no leader now: its cluster is electing one, or most of the servers "
+                "holding its copies are down"
+            )
+        await asyncio.sleep(0.1)  # an election takes seconds and announces itself to nobody here
+    group = info.cluster
+    leader = {"stream": stream, "node": getattr(group, "leader", None) or "", "leader": True, "current": True, "lag": 0}
+    rows = [leader]
+    for peer in getattr(group, "replicas", None) or []:
+        current, lag = bool(peer.current), peer.lag or 0
+        rows.append({"stream": stream, "node": peer.name, "leader": False, "current": current, "lag": lag})
+    return rows

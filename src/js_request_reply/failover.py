@@ -70,9 +70,9 @@ async def is_leaderless(nc: Client, subject: str) -> bool:
 async def while_electing(call: Callable[[], Awaitable[T]]) -> T:
     """Await `call()`, retrying while its stream has no leader; the caller's timeout bounds the retries.
 
-    For calls that are safe to repeat (a key-value get or put) on a stream known to exist (the
-    mailbox ledger): a 503 there can only mean that the stream is electing a leader, and a call
-    that timed out went to a leader that died before answering.
+    For calls that are safe to repeat (a key-value get or put, creating a consumer with the same
+    configuration) on a stream known to exist: a 503 there can only mean that a leader is being
+    elected, and a call that timed out went to a leader that died before answering.
     """
     backoff = Backoff()
     while True:

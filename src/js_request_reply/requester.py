@@ -181,6 +181,7 @@ class Requester:
         self._mailbox_sub: Any = None
         self._fetch_lock = asyncio.Lock()
         self._kv: Any = None  # the mailbox ledger, once opened
+        self._opening = asyncio.Lock()  # concurrent sends bind the mailbox once
         self._fetched: dict[str, Msg] = {}  # mailbox replies fetched but not yet handed over
 
     # -- requesting ---------------------------------------------------------------------------------
@@ -503,13 +504,20 @@ class Requester:
         return Reply(request_id, subject, b"", headers, ReplyError(p.EXPIRED, description))
 
     async def _open_mailbox(self) -> None:
-        """Bind to this mailbox's durable consumer on REPLIES, creating it on first use."""
-        if self._mailbox_sub is not None:
-            return
+        """Bind to this mailbox's durable consumer on REPLIES, creating it on first use.
+
+        Concurrent sends open it once. In a cluster, JetStream may be electing a leader meanwhile:
+        both calls are safe to repeat, so they are retried under the caller's deadline.
+        """
+        async with self._opening:
+            if self._mailbox_sub is None:
+                self._mailbox_sub = await self._bind_mailbox()
+
+    async def _bind_mailbox(self):
         js = self.nc.jetstream()
         filter_subject = f"{self.reply_prefix}.{self.mailbox}.>"
         try:
-            stream = await js.find_stream_name_by_subject(filter_subject)
+            stream = await while_electing(lambda: js.find_stream_name_by_subject(filter_subject))
         except NotFoundError:
             stream = None
         if stream != self.reply_stream:
@@ -525,8 +533,10 @@ class Requester:
             inactive_threshold=MAILBOX_IDLE_LIMIT,
         )
         try:
-            self._mailbox_sub = await js.pull_subscribe(
-                filter_subject, durable=config.durable_name, stream=self.reply_stream, config=config
+            return await while_electing(
+                lambda: js.pull_subscribe(
+                    filter_subject, durable=config.durable_name, stream=self.reply_stream, config=config
+                )
             )
         except APIError as exc:
             raise NoReplyStream(

@@ -107,7 +107,7 @@ class Responder:
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
         self._leaderless = False  # the last pull got a 503: the consumer had no leader
-        self._settler = Settler(nc, stream, durable, ack_wait)
+        self._settler = Settler(nc, stream, durable, ack_wait, working=lambda: set(self._tasks))
         self._leader_subs: list[Any] = []
 
     @property

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.client import Client
@@ -31,13 +32,18 @@ ACK = b"+ACK"
 NAK_LATER = b'-NAK {"delay": 1000000000}'  # deliver again in a second
 CONFIRM_TIMEOUT = 1.0  # seconds to wait for the server to confirm an ack sent after a disruption
 RECENT_WINDOW = 15.0  # acks this recent are sent again after a disruption (an election takes 4-9 s)
+CONFIRMING_AT_ONCE = 64  # acks sent again concurrently after a disruption
+RECLAIM_WAIT = 5.0  # seconds a reset waits for the requests in hand; one still running then may run twice
 
 
 class Settler:
     """Acks, terms and naks for one Responder's consumer, confirmed where a disruption could lose them."""
 
-    def __init__(self, nc: Client, stream: str, durable: str, ack_wait: float):
+    def __init__(
+        self, nc: Client, stream: str, durable: str, ack_wait: float, working: Callable[[], set[asyncio.Task]]
+    ):
         self.nc = nc
+        self.working = working  # the Responder's requests in hand: settled before a reset, not delivered again
         self.reset_subject = f"$JS.API.CONSUMER.RESET.{stream}.{durable}"
         self.ack_wait = ack_wait
         self.tasks: set[asyncio.Task] = set()  # confirmations and resets under way; stop() waits for them
@@ -87,21 +93,39 @@ class Settler:
             self._start(self._recover(recent, reclaim))
 
     async def _recover(self, recent: collections.deque, reclaim: bool) -> None:
-        for _, ack_subject, verdict in recent:
-            await self._confirm(ack_subject, verdict)
-        if reclaim:  # after the acks above, so what was answered is not delivered again
+        room = asyncio.Semaphore(CONFIRMING_AT_ONCE)
+
+        async def confirm(ack_subject: str, verdict: bytes) -> None:
+            async with room:
+                await self._confirm(ack_subject, verdict)
+
+        await asyncio.gather(*(confirm(ack_subject, verdict) for _, ack_subject, verdict in recent))
+        if reclaim:
+            # After the acks above and the requests in hand are settled, so what was answered is not delivered again.
+            working = self.working()
+            if working:
+                await asyncio.wait(working, timeout=min(self.ack_wait, RECLAIM_WAIT))
             await self._confirm(self.reset_subject, b"")
 
     async def _confirm(self, subject: str, payload: bytes) -> None:
-        """Send `payload` as a request and wait for the server's answer, retrying within ack_wait."""
-        backoff = Backoff()
+        """Send `payload` as a request and wait for the server's answer, while the consumer has no leader too.
+
+        Bounded by ack_wait. A leader that does not answer at all ignored it: a consumer leader
+        says nothing to an ack for a delivery it never heard of, and delivers that request again
+        anyway. So a timeout is tried once more (the first may have gone to a dying leader), then
+        given up.
+        """
+        backoff, timeouts = Backoff(), 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.ack_wait):
-                while True:
-                    with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                while timeouts < 2:
+                    try:
                         await self.nc.request(subject, payload, timeout=CONFIRM_TIMEOUT)
                         return
-                    await backoff.wait()
+                    except nats.errors.NoRespondersError:
+                        await backoff.wait()  # no leader yet
+                    except nats.errors.TimeoutError:
+                        timeouts += 1
 
     def _start(self, work) -> None:
         task = asyncio.create_task(work)
