@@ -32,6 +32,10 @@ ACK = b"+ACK"
 NAK_LATER = b'-NAK {"delay": 1000000000}'  # deliver again in a second
 CONFIRM_TIMEOUT = 1.0  # seconds to wait for the server to confirm an ack sent after a disruption
 RECENT_WINDOW = 15.0  # acks this recent are sent again after a disruption (an election takes 4-9 s)
+# At most this many of them (a busy responder acks thousands a second): an older ack lost in an election
+# leaves its request pending, to be delivered again (by the reset in a cluster, else after ack_wait) and
+# run twice, never lost.
+RECENT_MOST = 10_000
 CONFIRMING_AT_ONCE = 64  # acks sent again concurrently after a disruption
 RECLAIM_WAIT = 5.0  # seconds a reset waits for the requests in hand; one still running then may run twice
 
@@ -49,7 +53,7 @@ class Settler:
         self.tasks: set[asyncio.Task] = set()  # confirmations and resets under way; stop() waits for them
         self._disruptions = 0
         self._reconnects_seen = nc.stats.get("reconnects", 0)
-        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque()  # when, ack subject, verdict
+        self._recent: collections.deque[tuple[float, str, bytes]] = collections.deque(maxlen=RECENT_MOST)
 
     def delivered(self, msg: Msg) -> None:
         """Note when `msg` arrived: before or after the latest disruption."""
@@ -87,7 +91,7 @@ class Settler:
         settled is delivered again now.
         """
         self._disruptions += 1
-        recent, self._recent = self._recent, collections.deque()
+        recent, self._recent = self._recent, collections.deque(maxlen=RECENT_MOST)
         reclaim = reclaim and in_cluster(self.nc)
         if recent or reclaim:
             self._start(self._recover(recent, reclaim))
