@@ -15,12 +15,13 @@ import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
 import js_request_reply as jrr
+from js_request_reply.connection import server_list
 
 
 @pytest.fixture
 async def raw(nats_url):
     """A plain nats-py connection: no helpers from this package on this side."""
-    client = await nats.connect(nats_url)
+    client = await nats.connect(server_list(nats_url))  # nats-py takes a cluster's servers as a list
     yield client
     await client.drain()
 

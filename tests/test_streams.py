@@ -189,19 +189,24 @@ async def test_delete_streams_twice_is_harmless(nc, names):
 
 
 @pytest.mark.parametrize("ensure", [jrr.ensure_request_stream, jrr.ensure_reply_stream], ids=["requests", "replies"])
-async def test_three_replicas_on_a_single_server_is_a_clear_error_saying_it_is_not_clustered(js, names, ensure):
-    name, prefix = names
+async def test_three_replicas_on_a_single_server_is_a_clear_error_saying_it_is_not_clustered(fresh_server, ensure):
+    name, prefix = "ORDERS", "orders"
+    nc = await jrr.connect(fresh_server.url)  # a single server, whatever NATS_URL names
+    js = nc.jetstream()
 
-    with pytest.raises(jrr.NotClustered) as caught:
-        await ensure(js, name, [f"{prefix}.>"], replicas=3)
+    try:
+        with pytest.raises(jrr.NotClustered) as caught:
+            await ensure(js, name, [f"{prefix}.>"], replicas=3)
+        with pytest.raises(NotFoundError):
+            await js.stream_info(name)
+    finally:
+        await nc.close()
 
     message = str(caught.value)
     assert f"stream {name!r}" in message
     assert "cannot have 3 replicas: the server is not clustered" in message
     assert "EmbeddedCluster()" in message and "python -m js_request_reply cluster" in message
     assert isinstance(caught.value, jrr.StreamConflict), "existing handlers of StreamConflict still catch it"
-    with pytest.raises(NotFoundError):
-        await js.stream_info(name)
 
 
 async def test_one_replica_is_the_default_and_can_be_asked_for_either_way(js, names):
