@@ -22,7 +22,7 @@ from . import protocol as p
 from .errors import NoLeader, PayloadTooLarge, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless, while_electing
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
-from .settling import ACK, NAK_LATER, Settler
+from .settling import ACK, NAK_LATER, Settler, term_verdict
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
@@ -375,9 +375,8 @@ class Responder:
         problem = await self._publish_reply(msg.subject, msg.headers, reply_to, request_id, data, headers)
         if problem is None:
             return True
-        await self._settler.settle(
-            msg, NAK_LATER
-        )  # the request stays queued and is answered when the mailbox can take it
+        # The request stays queued and is answered when the mailbox can take it.
+        await self._settler.settle(msg, NAK_LATER)
         self._record(msg, request_id, "retried", problem, delivery)
         return False
 
@@ -463,11 +462,6 @@ def _delivery_count(msg: Msg) -> int:
     tokens = (msg.reply or "").split(".")
     token = tokens[4] if len(tokens) == 9 else tokens[6] if len(tokens) >= 11 else ""
     return int(token) if token.isdigit() else 1
-
-
-def term_verdict(reason: str) -> bytes:
-    """The ack payload that terminates a message with a reason: `+TERM <reason>`."""
-    return b"+TERM " + reason.encode()
 
 
 async def terminate(msg: Msg, reason: str) -> None:

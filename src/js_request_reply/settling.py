@@ -40,6 +40,11 @@ CONFIRMING_AT_ONCE = 64  # acks sent again concurrently after a disruption
 RECLAIM_WAIT = 5.0  # seconds a reset waits for the requests in hand; one still running then may run twice
 
 
+def term_verdict(reason: str) -> bytes:
+    """The verdict that terminates a message with a reason: `+TERM <reason>`."""
+    return b"+TERM " + reason.encode()
+
+
 class Settler:
     """Acks, terms and naks for one Responder's consumer, confirmed where a disruption could lose them."""
 
