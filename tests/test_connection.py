@@ -148,3 +148,11 @@ async def test_a_list_of_servers_connects_to_the_one_that_answers(nats_url):
             assert nc.connected_url.port in ports_of(nats_url)
         finally:
             await nc.close()
+
+
+@pytest.mark.parametrize("url", [",", " , ,"], ids=["comma", "commas"])
+async def test_a_list_that_names_no_server_says_so(url):
+    with pytest.raises(
+        jrr.ServerUnreachable, match=r"names no server; expected something like nats://127\.0\.0\.1:4222"
+    ):
+        await jrr.connect(url)
