@@ -17,13 +17,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import nats
 import pytest
 from nats.js.api import StreamConfig
 
 import js_request_reply as jrr
-from js_request_reply.server import free_port
+from js_request_reply.errors import PermissionDenied
+from js_request_reply.server import find_binary, free_port
 
 
 def cli_env(url: str) -> dict[str, str]:
@@ -259,6 +261,79 @@ def test_server_prints_its_url_serves_jetstream_and_stops_on_ctrl_c(tmp_path):
 
     with pytest.raises(jrr.ServerUnreachable):
         asyncio.run(jrr.connect(url, first_connect_timeout=1))
+
+
+async def _connects(url: str) -> bool:
+    nc = await jrr.connect(url, first_connect_timeout=5)
+    await nc.drain()
+    return True
+
+
+def test_server_with_users_prints_each_users_url_and_admits_only_them(tmp_path):
+    command = ("server", "--port", "0", "--store", str(tmp_path / "store"), "--users", "alice", "bob")
+    with running(*command, env=dict(os.environ)) as (server, output):
+        first = output.wait_for("nats-server with JetStream at")
+        url = re.search(r"at (nats://127\.0\.0\.1:\d+) ", first).group(1)
+        exports = [output.wait_for("export NATS_URL=") for _ in range(4)]
+        output.wait_for("Ctrl-C to stop.")
+        urls = [re.search(r"export NATS_URL=(\S+)", line).group(1) for line in exports]
+        users = [urlsplit(user_url).username for user_url in urls]
+
+        assert users == ["admin", "responder", "alice", "bob"], exports
+        for user_url in urls:
+            parts = urlsplit(user_url)
+            assert parts.password and f"nats://{parts.hostname}:{parts.port}" == url, user_url
+            assert asyncio.run(_connects(user_url))
+        assert asyncio.run(_serves_jetstream(urls[0]))
+        with pytest.raises(PermissionDenied):
+            asyncio.run(jrr.connect(url))
+
+        assert interrupt(server) == 0
+        output.wait_for("stopped.")
+
+
+def test_server_with_a_role_as_a_user_is_refused():
+    result = cli("server", "--port", "0", "--users", "alice", "admin", env=dict(os.environ))
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: admin is a role, not a mailbox owner: it is always created"
+
+
+# -- access-config --------------------------------------------------------------------------------
+
+
+def test_access_config_prints_a_config_nats_server_accepts(tmp_path):
+    result = cli("access-config", "alice", "bob", "--password", "alice=alice-s3cret", env=dict(os.environ))
+    config = tmp_path / "access.conf"
+    config.write_text(result.stdout)
+
+    checked = subprocess.run([find_binary(), "-t", "-c", str(config)], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert re.findall(r'"user": "([^"]+)"', result.stdout) == ["admin", "responder", "alice", "bob"]
+    assert '"password": "alice-s3cret"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--password", "alice=x y", "alice"], "error: the password of 'alice' may hold only letters, digits"),
+        (["--password", "alice", "alice"], "error: --password 'alice' is not USER=SECRET"),
+        (["--password", "alice=a", "--password", "alice=b", "alice"], "error: --password given twice for 'alice'"),
+        (["--password", "carol=abc", "alice"], "error: passwords given for unknown users: carol"),
+        (["alice.smith"], "error: user 'alice.smith' must be one subject token"),
+        (["alice", "responder"], "error: responder is a role, not a mailbox owner"),
+    ],
+)
+def test_access_config_refuses_bad_users_and_passwords_in_one_line(args, message):
+    result = cli("access-config", *args, env=dict(os.environ))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 # -- cluster --------------------------------------------------------------------------------------

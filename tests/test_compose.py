@@ -1,17 +1,22 @@
 """docker-compose.yml: the containerised server matches the pinned embedded one and can be health-checked.
 
-Its `cluster` profile runs three JetStream nodes as one cluster, and the documented commands start
-either the single server or the cluster, never both on the same host ports.
+Its `cluster` profile runs three JetStream nodes as one cluster, its `secure` profile one server that
+admits only the users of access.conf, and the documented commands start one of the three, never two
+on the same host ports.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from js_request_reply.access import access_config
+from js_request_reply.server import find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -32,6 +37,13 @@ def nats(compose) -> dict:
 @pytest.fixture(scope="module")
 def cluster(compose) -> dict[str, dict]:
     return {name: s for name, s in compose["services"].items() if "cluster" in (s.get("profiles") or [])}
+
+
+@pytest.fixture(scope="module")
+def secure(compose) -> dict:
+    profiled = sorted(name for name, s in compose["services"].items() if "secure" in (s.get("profiles") or []))
+    assert profiled == ["nats-secure"], f"services in the secure profile: {profiled}"
+    return compose["services"]["nats-secure"]
 
 
 def pinned_server_version() -> str:
@@ -63,6 +75,16 @@ def host_ports(service: dict, container_port: str | None = None) -> list[str]:
         if host and container_port in (None, container):
             ports.append(host[-1])
     return ports
+
+
+def bind_mounts(service: dict) -> dict[str, tuple[str, list[str]]]:
+    """The service's short-syntax mounts, {target: (source, options)}."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *options = volume.split(":")
+            mounts[target] = (source, options)
+    return mounts
 
 
 def documented_commands() -> list[list[str]]:
@@ -245,15 +267,78 @@ def test_cluster_client_ports_are_4222_to_4224(cluster):
     assert published == ["4222", "4223", "4224"], f"client ports published on the host: {published}"
 
 
-# The header comment: both usages, and commands that never start both shapes at once.
+# One server with users: `docker compose --profile secure up -d --wait nats-secure`.
 
 
-def test_header_documents_both_usages():
+def test_secure_server_runs_the_same_image_as_the_others(secure, nats, cluster):
+    assert secure["image"] == nats["image"], "the secure server and the single server run different images"
+    assert all(node["image"] == secure["image"] for node in cluster.values())
+
+
+def test_secure_server_enables_jetstream(secure):
+    words = command_words(secure)
+
+    assert "--jetstream" in words or "-js" in words, f"JetStream is not enabled by {words}"
+
+
+def test_secure_server_reads_access_conf_where_it_is_mounted(secure):
+    config = option(secure, "--config", "-c")
+    mounts = bind_mounts(secure)
+
+    assert config in mounts, f"nothing is mounted at --config {config}: mounts {sorted(mounts)}"
+    source, options = mounts[config]
+    assert source == "./access.conf", f"{config} comes from {source}, not the access.conf access-config writes"
+    assert "ro" in options, f"{config} is mounted writable"
+
+
+def test_secure_server_accepts_a_generated_access_conf(secure, tmp_path):
+    # The service's own command line, run by the pinned nats-server in check mode, on host paths.
+    config = tmp_path / "access.conf"
+    config.write_text(access_config(["alice", "bob"]))
+    host_paths = {option(secure, "--config", "-c"): str(config), option(secure, "--store_dir", "-sd"): str(tmp_path)}
+    words = [host_paths.get(word, word) for word in command_words(secure)]
+
+    checked = subprocess.run([find_binary(), "-t", *words], capture_output=True, text=True, timeout=30)
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_secure_server_store_is_a_named_volume_of_its_own(compose, secure, cluster, nats):
+    store_dir = option(secure, "--store_dir", "-sd")
+    source = bind_mounts(secure).get(store_dir, ("",))[0]
+    others = {other for node in (nats, *cluster.values()) for other, _ in bind_mounts(node).values()}
+
+    assert source in set(compose.get("volumes") or {}), f"{source!r} at {store_dir} is not a named volume"
+    assert source not in others, f"the secure server shares its store {source!r} with another service"
+
+
+def test_secure_server_publishes_the_usual_ports_and_checks_health(secure):
+    test = secure["healthcheck"]["test"]
+    health = [urlsplit(word) for word in (test if isinstance(test, list) else str(test).split())]
+    health = [url for url in health if url.path == "/healthz"]
+
+    assert {"4222", "8222"} <= {str(port).split(":")[-1] for port in secure["ports"]}, f"ports {secure['ports']}"
+    assert health, f"the healthcheck {test} does not ask /healthz"
+    assert str(health[0].port) == option(secure, "--http_port", "-m"), "health asked on another port"
+
+
+def test_access_conf_is_ignored_by_git():
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+
+    assert "access.conf" in ignored, "access.conf holds passwords, yet git would commit it"
+
+
+# The header comment: every usage, and commands that never start two shapes at once.
+
+
+def test_header_documents_every_usage():
     header = COMPOSE_FILE.read_text().split("\nservices:")[0]
 
     assert ["up", "-d"] in documented_commands(), "the header does not document `docker compose up -d`"
     assert "NATS_URL=nats://localhost:4222 make test" in header
     assert f"{CLUSTER_URL} make test" in header
+    assert "python -m js_request_reply access-config alice bob > access.conf" in header
+    assert ["--profile", "secure", "up", "-d", "--wait", "nats-secure"] in documented_commands()
 
 
 def test_documented_commands_start_one_shape_without_clashing_ports(compose, cluster):
@@ -261,6 +346,7 @@ def test_documented_commands_start_one_shape_without_clashing_ports(compose, clu
 
     assert {"nats"} in starts.values(), f"no documented command starts the single server alone: {starts}"
     assert set(cluster) in starts.values(), f"no documented command starts the cluster alone: {starts}"
+    assert {"nats-secure"} in starts.values(), f"no documented command starts the secure server alone: {starts}"
     for command, started in starts.items():
         ports = sorted(port for name in started for port in host_ports(compose["services"][name]))
 

@@ -1,4 +1,7 @@
-"""The command line: `python -m js_request_reply server | cluster | responder | request | collect | chaos | bench | lab`."""
+"""The command line, `python -m js_request_reply COMMAND`: each process of a scenario in a shell of its own.
+
+Commands: server, cluster, responder, request, collect, chaos, bench, lab, access-config.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import nats.errors
 
 from . import protocol as p
+from .access import ADMIN, RESPONDER, access_config
 from .cluster import EmbeddedCluster
 from .connection import connect
 from .errors import JsRequestReplyError, RequestRejected, RequestTimeout, ServerUnreachable
@@ -49,7 +53,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    server = EmbeddedServer(port=args.port, store_dir=args.store)
+    server = EmbeddedServer(port=args.port, store_dir=args.store, users=args.users)
     server.start()
     try:
         asyncio.run(_serve_until_signalled(server))
@@ -62,9 +66,25 @@ def cmd_server(args: argparse.Namespace) -> int:
 async def _serve_until_signalled(server: EmbeddedServer) -> None:
     stop = _stop_on_signals()
     say(f"nats-server with JetStream at {server.url} (store: {server.store_dir})")
-    say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
+    if server.users is None:
+        say(f"export NATS_URL={server.url}   # then, in another shell: python -m js_request_reply responder")
+    else:
+        say("only these users may connect; in each shell, export the URL of the user it acts as:")
+        exports = {user: f"export NATS_URL={server.url_for(user)}" for user in (ADMIN, RESPONDER, *server.users)}
+        width = max(map(len, exports.values()))
+        for user, export in exports.items():
+            say(f"  {export:<{width}}   # {_role(user)}")
     say("Ctrl-C to stop.")
     await stop.wait()
+
+
+def _role(user: str) -> str:
+    """What `user` of a server with users may do, in a few words."""
+    if user == ADMIN:
+        return "admin: creates and deletes streams"
+    if user == RESPONDER:
+        return "responder: serves requests, reads no mailbox"
+    return f"{user}: sends requests, reads mailbox {user!r} alone"
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -186,6 +206,24 @@ def cmd_lab(args: argparse.Namespace) -> int:
             server.close()
 
 
+def cmd_access_config(args: argparse.Namespace) -> int:
+    say(access_config(args.users, _passwords(args.password)).rstrip("\n"))
+    return 0
+
+
+def _passwords(pairs: list[str]) -> dict[str, str]:
+    """The `--password USER=SECRET` options as {user: secret}; a malformed or repeated one is a ValueError."""
+    passwords: dict[str, str] = {}
+    for pair in pairs:
+        user, equals, secret = pair.partition("=")
+        if not equals or not user:
+            raise ValueError(f"--password {pair!r} is not USER=SECRET, like --password alice=s3cret")
+        if user in passwords:
+            raise ValueError(f"--password given twice for {user!r}")
+        passwords[user] = secret
+    return passwords
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     from .chaos import command  # loaded on use: the other commands start without it
 
@@ -208,6 +246,14 @@ def parser() -> argparse.ArgumentParser:
     server = commands.add_parser("server", help="run an embedded nats-server in the foreground")
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (0: any free port)")
     server.add_argument("--store", default=None, help="JetStream store folder (default: a temporary one)")
+    server.add_argument(
+        "--users",
+        nargs="+",
+        default=None,
+        metavar="USER",
+        help="admit only admin, responder and these mailbox owners, each with a generated password "
+        "(see access-config); prints the URL of each",
+    )
     server.set_defaults(run=cmd_server)
 
     cluster = commands.add_parser(
@@ -297,6 +343,23 @@ def parser() -> argparse.ArgumentParser:
     )
     lab.add_argument("--notebooks", default="notebooks")
     lab.set_defaults(run=cmd_lab)
+
+    access = commands.add_parser(
+        "access-config",
+        help="print a nats-server authorization block: admin, responder, and one mailbox owner per USER",
+        description="Print the users and permissions that keep each mailbox readable by its owner alone, "
+        "for a nats-server configuration file: python -m js_request_reply access-config alice bob > access.conf",
+    )
+    access.add_argument("users", nargs="+", metavar="USER", help="a mailbox owner, one subject token like alice")
+    access.add_argument(
+        "--password",
+        action="append",
+        default=[],
+        metavar="USER=SECRET",
+        help="the password of USER (admin and responder too), letters, digits and . _ ~ - only; "
+        "repeatable (default: generated)",
+    )
+    access.set_defaults(run=cmd_access_config)
     return top
 
 

@@ -100,3 +100,29 @@ class StreamNotFound(JsRequestReplyError):
 
 class NoLeader(JsRequestReplyError):
     """The cluster, or a stream in it, has no leader on a running node within the time allowed."""
+
+
+class PermissionDenied(JsRequestReplyError):
+    """The server denied this user a subject: a publish (or JetStream API call) or a subscription.
+
+    Raised as soon as the server reports the violation, instead of waiting out a timeout.
+    """
+
+    def __init__(
+        self, subject: str, user: str | None = None, action: str = "publish", hint: str = "", *, message: str = ""
+    ):
+        self.subject = subject
+        self.user = user
+        self.action = action  # "publish", "subscribe" or "connect"
+        who = f"user {user!r}" if user else "this connection"
+        verb = "publish to" if action == "publish" else "subscribe to"
+        hint = hint or _denial_hint(subject, action)
+        super().__init__(message or f"permission denied: {who} may not {verb} {subject!r}{hint}")
+
+
+def _denial_hint(subject: str, action: str) -> str:
+    if action == "subscribe" and subject.upper().startswith("_INBOX."):
+        return "; connect as a user with js_request_reply.connect(), which gives its inboxes the prefix _INBOX.<user>"
+    if subject.upper().startswith(("$JS.", "$KV.")):
+        return " (a JetStream call: it reads or changes something this user does not own)"
+    return ""

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import access
 from .errors import ServerNotInstalled, ServerStartFailed, ServerTooOld
 
 MIN_VERSION = (2, 11, 0)  # per-message TTL (Nats-TTL) arrived in 2.11
@@ -77,6 +78,11 @@ class EmbeddedServer:
     `restart()` keeps the port and the store directory, so stored messages survive it and
     clients reconnect to the same URL. `name` is the server name (default `jrr-<port>`);
     `health_check` is the monitoring path that must answer 200 before the server counts as ready.
+
+    With `users=["alice", "bob"]` the server requires a user and password, and gives each user
+    the permissions of `access_config()`: alice and bob each read only their own mailbox, the
+    `responder` user serves requests, the `admin` user manages streams. Passwords are generated
+    unless given; `url_for(user)` is the URL to connect as that user, and `url` has no credentials.
     """
 
     def __init__(
@@ -90,7 +96,13 @@ class EmbeddedServer:
         extra_args: tuple[str, ...] = (),
         name: str | None = None,
         health_check: str = READY_HEALTH_CHECK,
+        users: list[str] | tuple[str, ...] | None = None,
+        passwords: dict[str, str] | None = None,
     ):
+        if users is None and passwords:
+            raise ValueError("passwords need users: EmbeddedServer(users=['alice', 'bob'], passwords={...})")
+        self.users = None if users is None else access.check_users(users)
+        self.passwords = {} if self.users is None else access.passwords_for(self.users, passwords)
         self.name = name
         self.health_check = health_check
         self.host = host
@@ -111,6 +123,15 @@ class EmbeddedServer:
         if not self.port:
             raise ServerStartFailed("the server has no port yet; call start() first")
         return f"nats://{self.host}:{self.port}"
+
+    def url_for(self, user: str) -> str:
+        """The client URL with `user`'s credentials, `nats://user:password@host:port` (needs users=)."""
+        if self.users is None:
+            raise ValueError("this server has no users: start it with EmbeddedServer(users=['alice', ...])")
+        if user not in self.passwords:
+            known = ", ".join(self.passwords)
+            raise ValueError(f"no user {user!r} on this server; its users are {known}")
+        return f"nats://{user}:{self.passwords[user]}@{self.host}:{self.port}"
 
     @property
     def store_dir(self) -> Path:
@@ -157,6 +178,7 @@ class EmbeddedServer:
             "--http_port", str(self.monitor_port),
             "--jetstream", "--store_dir", str(self.store_dir),
             "--server_name", self.name or f"jrr-{self.port}",
+            *self._access_args(),
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
@@ -167,6 +189,15 @@ class EmbeddedServer:
             # Linux signals the death of the starting *thread*, so only the main thread asks for it.
             preexec_fn=_die_with_parent if on_linux_main_thread() else None,
         )
+
+    def _access_args(self) -> list[str]:
+        """`--config` with the users' authorization block, when the server has users."""
+        if self.users is None:
+            return []
+        path = self._workdir() / "access.conf"
+        path.write_text(access.access_config(self.users, self.passwords))
+        path.chmod(0o600)  # it holds passwords
+        return ["--config", str(path)]
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the server down gracefully (SIGTERM), killing it if it has not exited within `timeout`."""

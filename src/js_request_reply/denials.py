@@ -1,0 +1,116 @@
+"""Permission denials reported at once: a denied call fails within milliseconds, not after its timeout.
+
+A server that denies a publish drops it and tells the client only through an asynchronous -ERR,
+which nats-py hands to its error callback (lower-cased). A JetStream API call that was denied is
+otherwise just a request nobody answers, and waits out its whole timeout. The watcher here sees
+each violation and fails, at once, every call that is waiting on the denied subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+
+from . import protocol as p
+from .errors import PermissionDenied
+
+T = TypeVar("T")
+
+# nats-py reports: nats: permissions violation for publish to "$js.api.stream.info.replies"
+# (or: for subscription to "replies.bob.>", with ' using queue "q"' after a queue subscription).
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE)
+
+
+def user_of(nc: Client) -> str | None:
+    """The user name `nc` connected as (from its URL or its `user=` option), or None."""
+    server = getattr(nc, "_current_server", None)
+    name = getattr(getattr(server, "uri", None), "username", None)
+    return name or (nc.options or {}).get("user") or None
+
+
+def parse_violation(error: BaseException) -> tuple[str, str] | None:
+    """("publish" or "subscribe", subject as the server reported it) for a permissions violation, else None."""
+    match = _VIOLATION.search(str(error))
+    if match is None:
+        return None
+    return ("publish" if match.group(1).lower() == "publish" else "subscribe"), match.group(2)
+
+
+class Denials:
+    """The permission violations of one connection, and the calls waiting on subjects that may be denied."""
+
+    def __init__(self, nc: Client):
+        self.nc = nc
+        self.seen: list[tuple[str, str]] = []  # every violation reported, oldest first (kept short)
+        self._watches: dict[asyncio.Future, tuple[str, ...]] = {}
+
+    def watch(self, *subjects: str) -> asyncio.Future:
+        """A future that fails with PermissionDenied when the server denies one of `subjects` (wildcards allowed)."""
+        future = asyncio.get_running_loop().create_future()
+        self._watches[future] = subjects
+        return future
+
+    def unwatch(self, future: asyncio.Future) -> None:
+        self._watches.pop(future, None)
+        if future.done() and not future.cancelled():
+            future.exception()  # retrieved: asyncio would otherwise log it as never retrieved
+        future.cancel()
+
+    def report(self, error: BaseException) -> bool:
+        """Fail the calls waiting on the subject `error` names; True when it was a permissions violation."""
+        violation = parse_violation(error)
+        if violation is None:
+            return False
+        action, subject = violation
+        self.seen = [*self.seen[-99:], violation]
+        for future, patterns in list(self._watches.items()):
+            if not future.done() and _covers(patterns, subject):
+                future.set_exception(self.error(action, subject, patterns))
+        return True
+
+    def error(self, action: str, subject: str, patterns: tuple[str, ...] = ()) -> PermissionDenied:
+        # The server lower-cases the subject; ours says it as the caller wrote it, when it was exact.
+        exact = [pattern for pattern in patterns if pattern.lower() == subject.lower()]
+        return PermissionDenied(exact[0] if exact else subject, user_of(self.nc), action)
+
+
+def _covers(patterns: tuple[str, ...], subject: str) -> bool:
+    subject = subject.lower()  # the server's report is lower-cased
+    return any(pattern.lower() == subject or p.subject_matches(pattern.lower(), subject) for pattern in patterns)
+
+
+def denials_for(nc: Client) -> Denials:
+    """The connection's watcher, installed on first use in front of its error callback."""
+    denials = getattr(nc, "_jrr_denials", None)
+    if denials is None:
+        denials = nc._jrr_denials = Denials(nc)
+        user_error_cb = nc._error_cb
+
+        async def error_cb(error: Exception) -> None:
+            denials.report(error)
+            if user_error_cb is not None:
+                await user_error_cb(error)
+
+        nc._error_cb = error_cb
+    return denials
+
+
+async def denied_at_once(nc: Client, awaitable: Awaitable[T], *subjects: str) -> T:
+    """Await `awaitable`; if the server denies one of `subjects` first, cancel it and raise PermissionDenied."""
+    denials = denials_for(nc)
+    denied = denials.watch(*subjects)
+    task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait({task, denied}, return_when=FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise denied.exception()
+    finally:
+        denials.unwatch(denied)
+        if not task.done():
+            task.cancel()
