@@ -196,7 +196,7 @@ async def test_a_request_whose_ttl_ran_out_never_reaches_a_handler_and_is_report
     assert fresh.text == "hello fresh"
     assert [request_id for request_id, _ in handler.seen] == [fresh.request_id], "the expired one never ran"
     assert [(reply.request_id, reply.error.code) for reply in replies] == [(expired_id, 408)]
-    assert replies[0].error.description.startswith("expired: the request left")
+    assert replies[0].error.description.startswith("expired: no responder took the request")
     assert await jrr.wait_for_messages(js, mailboxes.stream, 0) == 0
 
 

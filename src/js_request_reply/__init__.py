@@ -3,6 +3,7 @@
 Notebooks use it as `import js_request_reply as jrr`.
 """
 
+from .access import access_config, permissions_for
 from .cli import run_command
 from .cluster import EmbeddedCluster
 from .connection import connect
@@ -13,6 +14,7 @@ from .errors import (
     NoRequestStream,
     NotClustered,
     PayloadTooLarge,
+    PermissionDenied,
     Reject,
     RequestNotStored,
     RequestRejected,
@@ -32,7 +34,16 @@ from .streams import delete_streams, ensure_reply_stream, ensure_request_stream,
 
 # The display helpers need pandas and matplotlib, which take a second to import: load them on first
 # use, so the command line and responders start fast.
-_DISPLAY = ("Arrow", "SequenceDiagram", "Wiretap", "replica_table", "replies_table", "stream_state", "stream_table")
+_DISPLAY = (
+    "Arrow",
+    "SequenceDiagram",
+    "Wiretap",
+    "permissions_table",
+    "replica_table",
+    "replies_table",
+    "stream_state",
+    "stream_table",
+)
 
 
 def __getattr__(name: str):
@@ -55,6 +66,7 @@ __all__ = [
     "NoRequestStream",
     "NotClustered",
     "PayloadTooLarge",
+    "PermissionDenied",
     "Reject",
     "Reply",
     "ReplyError",
@@ -71,11 +83,14 @@ __all__ = [
     "StreamConflict",
     "StreamNotFound",
     "Wiretap",
+    "access_config",
     "connect",
     "delete_streams",
     "ensure_reply_stream",
     "ensure_request_stream",
     "menu_handlers",
+    "permissions_for",
+    "permissions_table",
     "replica_table",
     "replies_table",
     "request",

@@ -35,6 +35,7 @@ from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
 from . import protocol as p
+from .access import all_permissions
 from .connection import connect
 from .errors import NoLeader, StreamNotFound
 from .failover import UNAVAILABLE
@@ -58,6 +59,7 @@ __all__ = [
     "Wiretap",
     "classify",
     "drawable",
+    "permissions_table",
     "replica_table",
     "replies_table",
     "stream_state",
@@ -761,6 +763,21 @@ def replies_table(replies: Iterable[Reply]) -> pd.DataFrame:
         rows.append((reply.headers.get(p.REQUEST_SUBJECT_HEADER, ""), reply.text, code, description))
     table = pd.DataFrame(rows, columns=["request", "reply", "error code", "error description"])
     return table.sort_values(["request", "reply"], ignore_index=True, kind="stable")
+
+
+def permissions_table(users: Iterable[str], **names: Any) -> pd.DataFrame:
+    """What each user of `access_config(users)` may do: one row per allowed subject, admin first.
+
+    Columns: user, role, action ('publish' or 'subscribe'), subject. `names` renames streams and
+    subjects as in access_config().
+    """
+    rows = [
+        (perms.user, perms.role, action, subject)
+        for perms in all_permissions(list(users), **names)
+        for action, subjects in (("publish", perms.publish), ("subscribe", perms.subscribe))
+        for subject in subjects
+    ]
+    return pd.DataFrame(rows, columns=["user", "role", "action", "subject"])
 
 
 async def replica_table(

@@ -37,6 +37,7 @@ HANDLER_FAILED = 500
 BAD_REQUEST = 400
 EXPIRED = 408  # a request past its deadline, or one collect() found gone from the stream unanswered
 GAVE_UP = 500  # the consumer's max_deliver ran out
+NOT_YOUR_MAILBOX = 403  # Nats-Reply names a mailbox whose ledger never noted the request: nobody is answered
 
 # JetStream API error codes we handle by number.
 JS_ERR_NO_MESSAGE_FOUND = 10037
@@ -104,6 +105,12 @@ def request_id_of(reply_subject: str) -> str:
 def mailbox_subject(mailbox: str, request_id: str, prefix: str = DEFAULT_REPLY_PREFIX) -> str:
     """The subject a reply to `request_id` is stored under in `mailbox`."""
     return f"{prefix}.{mailbox}.{request_id}"
+
+
+def mailbox_of(reply_subject: str) -> str:
+    """The mailbox a stored reply's subject names: the token before the request id."""
+    tokens = reply_subject.split(".")
+    return tokens[-2] if len(tokens) >= 3 else ""
 
 
 def ledger_bucket(reply_stream: str) -> str:

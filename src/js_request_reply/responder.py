@@ -19,7 +19,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
-from .errors import NoLeader, PayloadTooLarge, Reject, StreamConflict, StreamNotFound
+from .denials import denials_for, denied_at_once
+from .errors import NoLeader, PayloadTooLarge, PermissionDenied, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless, while_electing
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
 from .settling import ACK, NAK_LATER, Settler, term_verdict
@@ -36,8 +37,8 @@ STATUS_HEARTBEAT = "100"
 class Handled:
     """What a Responder did with one request.
 
-    `outcome` is 'replied', 'rejected', 'terminated', 'retried' (nak'd to try again) or 'gave up'
-    (max_deliver ran out).
+    `outcome` is 'replied', 'rejected', 'terminated', 'retried' (nak'd to try again), 'gave up'
+    (max_deliver ran out) or 'refused' (its Nats-Reply names a mailbox that did not send it).
     """
 
     responder: str
@@ -65,6 +66,11 @@ class Responder:
     second responder starts on the same request. A request redelivered `max_deliver` times (its
     responders crashed or could not store the reply) gets an error reply, "gave up after N
     deliveries", instead of silence.
+
+    A reply is stored in a mailbox (a `Nats-Reply` under `reply_prefix`) only when that mailbox's
+    ledger noted the request, which only the mailbox's owner may write: a request sent in somebody
+    else's name is terminated with `403` and answered to nobody (`check_mailboxes=False` skips
+    the check, for requesters that keep no ledger).
     """
 
     def __init__(
@@ -80,6 +86,8 @@ class Responder:
         max_deliver: int = 5,
         reply_timeout: float = 10.0,
         on_handled: Callable[[Handled], None] | None = None,
+        reply_prefix: str = p.DEFAULT_REPLY_PREFIX,
+        check_mailboxes: bool = True,
     ):
         if not p.is_valid_token(durable):
             raise ValueError(f"durable {durable!r} must be one token of letters, digits, '-' or '_'")
@@ -95,6 +103,8 @@ class Responder:
         self.max_deliver = max_deliver
         self.reply_timeout = reply_timeout
         self.on_handled = on_handled
+        self.reply_prefix = reply_prefix
+        self.check_mailboxes = check_mailboxes
         self.handled: collections.deque[Handled] = collections.deque(maxlen=10_000)
         self._tasks: set[asyncio.Task] = set()
         self._running_handlers: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, when its work started)
@@ -137,9 +147,32 @@ class Responder:
                 elected, queue=f"jrr-{self.stream}-{self.durable}", cb=self._on_leader_elected_reclaim
             ),
         ]
+        await self._check_subscriptions()
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
         self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name=f"keep-alive-{self.name}")
         return self
+
+    async def _check_subscriptions(self) -> None:
+        """Raise PermissionDenied if the server refused one of the subscriptions just made.
+
+        The server answers a denied subscription only with an -ERR, which arrives before the
+        PONG of a flush: after the flush, every refusal has been seen.
+        """
+        subs = [self._deliver_sub, self._advisory_sub, *self._leader_subs]
+        denials = denials_for(self.nc)
+        denied = denials.watch(*(sub.subject for sub in subs))
+        try:
+            await self.nc.flush(timeout=5)
+            if denied.done():
+                error = denied.exception()
+                for sub in subs:
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
+                self._deliver_sub = self._advisory_sub = None
+                self._leader_subs = []
+                raise error
+        finally:
+            denials.unwatch(denied)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking requests, finish the ones in flight (up to `timeout` s), then unsubscribe.
@@ -184,6 +217,7 @@ class Responder:
 
     async def _ensure_consumer(self) -> None:
         config = ConsumerConfig(
+            name=self.durable,  # with a name, nats-py uses CONSUMER.CREATE.<stream>.<name>, the subject access.py allows
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -192,7 +226,10 @@ class Responder:
         )
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await while_electing(lambda: self.nc.jetstream().add_consumer(self.stream, config))
+                create = f"$JS.API.CONSUMER.CREATE.{self.stream}.{self.durable}"
+                await while_electing(
+                    lambda: denied_at_once(self.nc, self.nc.jetstream().add_consumer(self.stream, config), create)
+                )
         except TimeoutError:
             raise NoLeader(
                 f"durable {self.durable!r} on {self.stream!r} could not be created or bound within "
@@ -279,6 +316,15 @@ class Responder:
             await self._settler.settle(msg, term_verdict(f"{p.BAD_REQUEST} {why}"))
             self._record(msg, "", "terminated", why, delivery)
             return
+        refusal = await self._not_from_mailbox_owner(msg, reply_to)
+        if refusal is None:  # the ledger could not be read: try again later, maybe on another responder
+            await self._settler.settle(msg, NAK_LATER)
+            self._record(msg, p.request_id_of(reply_to), "retried", "could not check who sent it", delivery)
+            return
+        if refusal:
+            await self._settler.settle(msg, term_verdict(f"{p.NOT_YOUR_MAILBOX} {refusal}"))
+            self._record(msg, p.request_id_of(reply_to), "refused", refusal, delivery)
+            return
         # Kept alive with in-progress acks until settled: the handler, and storing its reply while a
         # mailbox stream elects a leader, may each outlast the ack_wait.
         self._running_handlers[id(msg)] = (msg, time.monotonic())
@@ -307,6 +353,39 @@ class Responder:
         if await self._send_reply(msg, reply_to, request_id, data, {}, delivery):
             await self._settler.settle(msg, ACK)
             self._record(msg, request_id, "replied", "", delivery)
+
+    async def _not_from_mailbox_owner(self, msg: Msg, reply_to: str) -> str | None:
+        """Why a reply to `msg` must not be stored in the mailbox its Nats-Reply names ("" when it may;
+        None when the ledger could not be read).
+
+        Only a mailbox's owner may write its ledger entries (see access.py), and a requester notes
+        each request there before publishing it. So an entry for this request id, for this subject,
+        proves the request came from the mailbox's owner. The lookup goes to the ledger's leader,
+        not to a replica that may not have the entry yet.
+        """
+        headers = msg.headers or {}
+        if not self.check_mailboxes or not reply_to.startswith(self.reply_prefix + "."):
+            return ""
+        reply_stream = headers.get(p.REPLY_STREAM_HEADER, "")
+        if not reply_stream:
+            return f"Nats-Reply {reply_to!r} names a mailbox, but the request has no {p.REPLY_STREAM_HEADER} header"
+        mailbox, request_id = p.mailbox_of(reply_to), p.request_id_of(reply_to)
+        bucket = p.ledger_bucket(reply_stream)
+        get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
+        key = f"$KV.{bucket}.{mailbox}.{request_id}"
+        try:
+            async with asyncio.timeout(self.reply_timeout):
+                entry = await while_electing(
+                    lambda: denied_at_once(self.nc, self.nc.jetstream().get_msg(f"KV_{bucket}", subject=key), get)
+                )
+        except NotFoundError:
+            entry = None
+        except (TimeoutError, APIError, PermissionDenied):
+            return None
+        noted = entry is not None and (entry.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
+        if not noted or _noted_subject(entry.data) not in (msg.subject, None):
+            return f"mailbox {mailbox!r} did not send this request (no entry {mailbox}.{request_id} in {bucket!r})"
+        return ""
 
     async def _on_leader_elected(self, advisory: Msg) -> None:
         """The consumer has a new leader: acks sent to the old one may be lost."""
@@ -439,7 +518,7 @@ class Responder:
         reply_to = headers.get(p.REPLY_HEADER, "")
         request_id = p.request_id_of(reply_to)
         why = f"gave up after {deliveries} deliveries"
-        if p.is_valid_publish_subject(reply_to):
+        if p.is_valid_publish_subject(reply_to) and await self._not_from_mailbox_owner(stored, reply_to) == "":
             error = {p.SERVICE_ERROR_HEADER: why, p.SERVICE_ERROR_CODE_HEADER: str(p.GAVE_UP)}
             await self._publish_reply(stored.subject, headers, reply_to, request_id, b"", error)
         with contextlib.suppress(NotFoundError, APIError, TimeoutError):
@@ -453,6 +532,15 @@ class Responder:
         self.handled.append(handled)
         if self.on_handled is not None:
             self.on_handled(handled)
+
+
+def _noted_subject(entry: bytes) -> str | None:
+    """The request subject a ledger entry noted, or None when it names none."""
+    try:
+        subject = json.loads(entry).get("subject")
+    except (ValueError, AttributeError):
+        return None
+    return subject if isinstance(subject, str) else None
 
 
 def _delivery_count(msg: Msg) -> int:

@@ -91,16 +91,23 @@ def _set_replicas(config: dict[str, Any], replicas: int) -> None:
 
 
 async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float, replicas: int) -> None:
+    """Create or update the mailbox ledger: direct gets on, rollups off (see `_LEDGER_SETTINGS`)."""
     try:
-        await js.key_value(bucket)
+        info = await js.stream_info(f"KV_{bucket}")
     except NotFoundError:
-        kv = KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE, replicas=replicas)
+        kv = KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE, replicas=replicas, direct=True)
         await _call(js.create_key_value, kv, bucket, "the mailbox ledger")
-        return
-    info = await js.stream_info(f"KV_{bucket}")
-    if info.config.num_replicas != replicas:
-        updated = dataclasses.replace(info.config, num_replicas=replicas)
+        info = await js.stream_info(f"KV_{bucket}")
+    wanted = {**_LEDGER_SETTINGS, "num_replicas": replicas}
+    if any(getattr(info.config, name) != value for name, value in wanted.items()):
+        updated = dataclasses.replace(info.config, **wanted)
         await _call(js.update_stream, updated, bucket, "the mailbox ledger")
+
+
+# A mailbox's owner reads its ledger entries with direct gets, since the alternative (STREAM.INFO)
+# would show every mailbox's keys. A rollup header ("Nats-Rollup: all") on a put to one's own key
+# would purge every mailbox's entries, so the ledger refuses rollups: entries are deleted, not purged.
+_LEDGER_SETTINGS = {"allow_direct": True, "allow_rollup_hdrs": False}
 
 
 async def wait_for_messages(js: JetStreamContext | Client, stream: str, count: int, *, timeout: float = 5.0) -> int:

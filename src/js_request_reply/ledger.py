@@ -1,0 +1,184 @@
+"""The mailbox ledger: a key-value bucket beside the reply stream, where each mailbox notes what it sent.
+
+A mailbox `m` writes two kinds of key:
+- `m.<request id>`: a request it sent and has not settled yet (its subject, deadline and TTL),
+  written *before* the request is published, so that a reply can never arrive unannounced;
+- `m.done.<request id>`: how the request's outcome was handed over, `{"seq": n}` for the reply at
+  stream sequence n or `{"expired": true}`. It is created once, so an outcome is handed over once.
+
+Only the owner of a mailbox may write its keys (see access.py). That is what makes the ledger a
+proof of who sent a request: a responder checks it before storing a reply in a mailbox.
+
+The ledger is read without STREAM.INFO, which would list every mailbox's keys: single keys with
+direct gets by subject, and a mailbox's own entries through a short-lived consumer named
+`ledger-<mailbox>`, filtered to its keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+
+from . import protocol as p
+from .access import ledger_consumer
+from .denials import denied_at_once
+from .errors import NoReplyStream
+from .failover import UNAVAILABLE, Backoff, is_leaderless
+
+T = TypeVar("T")
+LISTING_IDLE_LIMIT = 60.0  # seconds: the server removes a listing consumer left behind by a crash
+LISTING_BATCH = 256
+
+
+class Ledger:
+    """One mailbox's entries in the ledger of `reply_stream`."""
+
+    def __init__(self, nc: Client, reply_stream: str, mailbox: str):
+        self.nc = nc
+        self.mailbox = mailbox
+        self.bucket = p.ledger_bucket(reply_stream)
+        self.stream = f"KV_{self.bucket}"
+        self.keys = f"$KV.{self.bucket}.{mailbox}"  # the subjects of this mailbox's keys
+        self._kv = KeyValue(
+            name=self.bucket, stream=self.stream, pre=f"$KV.{self.bucket}.", js=nc.jetstream(), direct=True
+        )
+        self._listing = _listing_lock(nc, self.stream, mailbox)
+
+    # -- what was sent ------------------------------------------------------------------------------
+
+    async def note_sent(self, request_id: str, entry: dict[str, Any]) -> None:
+        """Write down a request about to be sent: what it is, and when it expires (if it does)."""
+        key = f"{self.mailbox}.{request_id}"
+        await self._call(lambda: self._kv.put(key, json.dumps(entry).encode()), f"{self.keys}.{request_id}")
+
+    async def sent(self, request_id: str) -> dict[str, Any] | None:
+        """The entry of a request sent and not settled, or None."""
+        return await self._get(f"{self.mailbox}.{request_id}")
+
+    async def forget(self, request_id: str) -> None:
+        """Remove a settled request's entry (a delete marker; the ledger's stream refuses rollups)."""
+        key = f"{self.mailbox}.{request_id}"
+        await self._call(lambda: self._kv.delete(key), f"{self.keys}.{request_id}")
+
+    async def outstanding(self) -> dict[str, dict[str, Any]]:
+        """Every request this mailbox sent and has not settled: request id -> entry.
+
+        Read through a consumer of this mailbox's keys only, made for the listing and deleted after
+        it: the one way to list keys that does not show other mailboxes' keys too.
+        """
+        js = self.nc.jetstream()
+        name = ledger_consumer(self.mailbox)
+        config = ConsumerConfig(
+            name=name,
+            filter_subject=f"{self.keys}.*",
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=LISTING_IDLE_LIMIT,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        api = f"$JS.API.CONSUMER.%s.{self.stream}.{name}"
+        create = f"{api % 'CREATE'}.{config.filter_subject}"
+        async with self._listing:
+            info = await self._call(lambda: js.add_consumer(self.stream, config), create)
+            if info.delivered is not None and info.delivered.consumer_seq:
+                # One left behind by a listing that crashed would go on from where that one stopped.
+                await self._delete_listing(api % "DELETE")
+                info = await self._call(lambda: js.add_consumer(self.stream, config), create)
+            try:
+                return await self._read_listing(name, info.num_pending, api % "MSG.NEXT")
+            finally:
+                await self._delete_listing(api % "DELETE")
+
+    async def _read_listing(self, name: str, pending: int, next_subject: str) -> dict[str, dict[str, Any]]:
+        entries: dict[str, dict[str, Any]] = {}
+        if pending == 0:
+            return entries
+        sub = await self.nc.jetstream().pull_subscribe_bind(name, self.stream)
+        try:
+            while pending > 0:
+                msgs = await denied_at_once(self.nc, sub.fetch(min(pending, LISTING_BATCH), timeout=5), next_subject)
+                pending -= len(msgs)
+                for msg in msgs:
+                    if (msg.headers or {}).get(KV_OP) in (KV_DEL, KV_PURGE):
+                        continue  # settled: only its delete marker is left
+                    with contextlib.suppress(ValueError, TypeError):
+                        entries[msg.subject.rsplit(".", 1)[1]] = json.loads(msg.data)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return entries
+
+    async def _delete_listing(self, subject: str) -> None:
+        with contextlib.suppress(NotFoundError, *UNAVAILABLE, nats.errors.TimeoutError):
+            await denied_at_once(
+                self.nc, self.nc.jetstream().delete_consumer(self.stream, ledger_consumer(self.mailbox)), subject
+            )
+
+    # -- what was handed over -----------------------------------------------------------------------
+
+    async def claim(self, request_id: str, how: dict[str, Any]) -> dict[str, Any] | None:
+        """Record how a request's outcome is handed over, if nobody did before: None when this call did.
+
+        Returns the earlier record otherwise. The key is created, never overwritten, so two
+        collectors racing for one reply cannot both hand it over.
+        """
+        key = f"{self.mailbox}.done.{request_id}"
+        try:
+            await self._call(lambda: self._kv.create(key, json.dumps(how).encode()), f"{self.keys}.done.{request_id}")
+            return None
+        except KeyWrongLastSequenceError:
+            return await self.done(request_id) or {}
+
+    async def done(self, request_id: str) -> dict[str, Any] | None:
+        """How a request's outcome was handed over ({"seq": n} or {"expired": true}), or None."""
+        return await self._get(f"{self.mailbox}.done.{request_id}")
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _get(self, key: str) -> dict[str, Any] | None:
+        subject = f"$JS.API.DIRECT.GET.{self.stream}.$KV.{self.bucket}.{key}"
+        try:
+            entry = await self._call(lambda: self._kv.get(key), subject)
+        except KeyNotFoundError:
+            return None
+        try:
+            return json.loads(entry.value)
+        except (ValueError, TypeError):
+            return None
+
+    async def _call(self, call: Callable[[], Awaitable[T]], subject: str) -> T:
+        """`call()`, failing at once if `subject` is denied, and retrying while the ledger has no leader.
+
+        A 503 with no stream behind the ledger's subjects means the ledger does not exist.
+        """
+        backoff, checked = Backoff(), False
+        while True:
+            try:
+                return await denied_at_once(self.nc, call(), subject)
+            except UNAVAILABLE:
+                if not checked and not await is_leaderless(self.nc, f"$KV.{self.bucket}.{self.mailbox}.x"):
+                    raise NoReplyStream(
+                        f"the mailbox ledger {self.bucket!r} does not exist; create it with ensure_reply_stream(js)"
+                    ) from None
+                checked = True
+            except nats.errors.TimeoutError:
+                pass  # went to a leader that died before answering: every call here is safe to repeat
+            await backoff.wait()
+
+
+def _listing_lock(nc: Client, stream: str, mailbox: str) -> asyncio.Lock:
+    """One lock per connection and mailbox: two listings would share the one consumer name."""
+    locks = getattr(nc, "_jrr_listing_locks", None)
+    if locks is None:
+        locks = nc._jrr_listing_locks = {}
+    return locks.setdefault((stream, mailbox), asyncio.Lock())

@@ -1,0 +1,310 @@
+"""Mailbox mode: replies stored in the reply stream until their requester comes back for them.
+
+A mailbox `alice` is a durable consumer `mailbox-alice` on REPLIES, filtered to
+`replies.alice.>`, and alice's entries in the ledger (see ledger.py). A reply is handed over
+only if the ledger shows that this mailbox sent its request, and only once: anything else that
+lands in the mailbox (a reply to a request somebody else sent in alice's name, a message stored
+there by a JetStream API call given alice's subject as its reply subject, a second reply to a
+request already answered) is acked, dropped and counted in `dropped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+
+from . import protocol as p
+from .access import mailbox_consumer
+from .denials import denied_at_once
+from .errors import NoReplyStream, PermissionDenied
+from .failover import UNAVAILABLE, Backoff, while_electing
+from .ledger import Ledger
+
+MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
+EXPIRY_MARGIN = (
+    1.0  # seconds after a TTL before collect() calls its request expired: the server's TTL clock ticks in seconds
+)
+FETCH_BATCH = 256
+
+# Why collect() dropped a message from the mailbox instead of handing it over.
+NOT_REQUESTED = "not requested"  # the ledger never noted its request: sent in this mailbox's name by someone else
+SECOND_REPLY = "second reply"  # its request's outcome was handed over already
+
+
+@dataclass(frozen=True)
+class ReplyError:
+    """An error reply: the ADR-32 code and description."""
+
+    code: int
+    description: str
+
+
+@dataclass
+class Reply:
+    """A reply as handed to the requester."""
+
+    request_id: str
+    subject: str
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    error: ReplyError | None = None
+
+    @property
+    def text(self) -> str:
+        """The payload decoded as UTF-8 (undecodable bytes shown as U+FFFD)."""
+        return self.data.decode("utf-8", errors="replace")
+
+    @classmethod
+    def from_msg(cls, msg: Msg) -> Reply:
+        """Build a Reply from a reply message, reading the error headers."""
+        headers = dict(msg.headers or {})
+        return cls(p.request_id_of(msg.subject), msg.subject, msg.data, headers, error_of(headers))
+
+
+def error_of(headers: dict[str, str] | None) -> ReplyError | None:
+    """The ADR-32 error carried in `headers`, or None for a normal reply."""
+    if not headers or (p.SERVICE_ERROR_HEADER not in headers and p.SERVICE_ERROR_CODE_HEADER not in headers):
+        return None
+    raw_code = headers.get(p.SERVICE_ERROR_CODE_HEADER, "")
+    code = int(raw_code) if raw_code.strip().isdigit() else p.HANDLER_FAILED
+    return ReplyError(code, headers.get(p.SERVICE_ERROR_HEADER, ""))
+
+
+class Mailbox:
+    """One requester's mailbox: its consumer on the reply stream, its ledger entries, and the hand-over."""
+
+    def __init__(self, nc: Client, name: str, reply_stream: str, reply_prefix: str):
+        self.nc = nc
+        self.name = name
+        self.reply_stream = reply_stream
+        self.reply_prefix = reply_prefix
+        self.ledger = Ledger(nc, reply_stream, name)
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._sub: Any = None
+        self._opening = asyncio.Lock()  # concurrent sends bind the mailbox once
+        self._fetch_lock = asyncio.Lock()
+        self._fetched: dict[str, Msg] = {}  # replies fetched but not yet handed over
+        self._consumer = mailbox_consumer(name)
+        self._api = f"$JS.API.CONSUMER.%s.{reply_stream}.{self._consumer}"
+
+    @contextlib.contextmanager
+    def owner_only(self) -> Iterator[None]:
+        """Say a denial in the mailbox's terms: who may not use which mailbox, and what was denied."""
+        try:
+            yield
+        except PermissionDenied as denied:
+            if denied.action == "connect":
+                raise
+            who = f"user {denied.user!r}" if denied.user else "this connection"
+            raise PermissionDenied(
+                denied.subject,
+                denied.user,
+                denied.action,
+                message=(
+                    f"permission denied: {who} may not use mailbox {self.name!r}, which only its owner may "
+                    f"read (the server denied {'publishing to' if denied.action == 'publish' else 'subscribing to'} "
+                    f"{denied.subject!r})"
+                ),
+            ) from None
+
+    def reply_subject(self, request_id: str) -> str:
+        return p.mailbox_subject(self.name, request_id, self.reply_prefix)
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    async def note_sent(self, request_id: str, subject: str, ttl: float | None) -> None:
+        """Write the request into the ledger before it is published, so its reply is recognised as ours."""
+        expires = int((time.time() + ttl) * 1000) if ttl else None
+        await self.ledger.note_sent(request_id, {"subject": subject, "ttl": ttl, "expires": expires})
+
+    async def forget_unsent(self, request_id: str) -> None:
+        """Take back the ledger entry of a request that was never stored."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError, NoReplyStream):
+            await self.ledger.forget(request_id)
+
+    # -- the consumer -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Bind to this mailbox's durable consumer on the reply stream, creating it on first use.
+
+        Concurrent sends open it once. In a cluster, JetStream may be electing a leader meanwhile:
+        both calls are safe to repeat, so they are retried under the caller's deadline.
+        """
+        async with self._opening:
+            if self._sub is None:
+                await self._ensure_consumer()
+                self._sub = await self.nc.jetstream().pull_subscribe_bind(self._consumer, self.reply_stream)
+
+    async def _ensure_consumer(self) -> None:
+        js = self.nc.jetstream()
+        filter_subject = f"{self.reply_prefix}.{self.name}.>"
+        config = ConsumerConfig(
+            name=self._consumer,
+            durable_name=self._consumer,
+            filter_subject=filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold=MAILBOX_IDLE_LIMIT,
+        )
+        info, create = self._api % "INFO", f"{self._api % 'CREATE'}.{filter_subject}"
+        try:
+            try:
+                await while_electing(
+                    lambda: denied_at_once(self.nc, js.consumer_info(self.reply_stream, self._consumer), info)
+                )
+            except NotFoundError as missing:
+                if missing.err_code == p.JS_ERR_STREAM_NOT_FOUND:
+                    raise
+                await while_electing(
+                    lambda: denied_at_once(self.nc, js.add_consumer(self.reply_stream, config), create)
+                )
+        except NotFoundError:
+            raise NoReplyStream(
+                f"no stream {self.reply_stream!r} stores replies for mailbox {self.name!r} "
+                f"({filter_subject}); create it with ensure_reply_stream(js)"
+            ) from None
+        except APIError as exc:
+            raise NoReplyStream(
+                f"mailbox {self.name!r} could not be opened on {self.reply_stream!r}: {exc.description}"
+            ) from None
+
+    async def close(self) -> None:
+        """Drop the subscription (the durable mailbox and its replies stay on the server)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def _keep(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            self._fetched[p.request_id_of(msg.subject)] = msg  # a redelivered copy replaces the older one
+
+    async def _fetch(self, batch: int, timeout: float) -> list[Msg]:
+        return await denied_at_once(self.nc, self._sub.fetch(batch, timeout=timeout), self._api % "MSG.NEXT")
+
+    async def _fetch_waiting(self) -> None:
+        """Fetch every reply waiting in the mailbox right now."""
+        await self.open()
+        async with self._fetch_lock:
+            info = await denied_at_once(self.nc, self._sub.consumer_info(), self._api % "INFO")
+            waiting = info.num_pending
+            while waiting > 0:
+                msgs = await self._fetch(min(waiting, FETCH_BATCH), timeout=5)
+                self._keep(msgs)
+                waiting -= len(msgs)
+
+    # -- handing over -------------------------------------------------------------------------------
+
+    async def wait_for(self, request_id: str) -> Reply:
+        """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it."""
+        backoff = Backoff()
+        while True:
+            async with self._fetch_lock:
+                while request_id not in self._fetched:
+                    try:
+                        self._keep(await self._fetch(1, timeout=1))
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        continue
+                    except UNAVAILABLE:
+                        await backoff.wait()  # the mailbox's consumer is electing a leader
+            msg = self._fetched.pop(request_id)
+            if await self._hand_over(msg, await self.ledger.sent(request_id)):
+                return Reply.from_msg(msg)
+
+    async def _hand_over(self, msg: Msg, entry: dict | None) -> bool:
+        """Settle one fetched reply: True when it is to be handed over, False when it was dropped.
+
+        The steps are each safe to repeat: the ledger notes the reply as handed over (with its
+        stream sequence), the reply is acked, the request's entry is deleted. A step that fails
+        leaves the reply for the next collect(), never lost.
+        """
+        request_id, seq = p.request_id_of(msg.subject), msg.metadata.sequence.stream
+        if entry is None:
+            earlier = await self.ledger.done(request_id)
+            mine = earlier is not None and earlier.get("seq") == seq  # claimed, but not acked before a crash
+        else:
+            earlier = await self.ledger.claim(request_id, {"seq": seq})
+            mine = earlier is None or earlier.get("seq") == seq
+        await denied_at_once(self.nc, msg.ack_sync(), msg.reply)
+        if not mine:
+            self.dropped[SECOND_REPLY if earlier is not None else NOT_REQUESTED] += 1
+        if entry is not None:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.ledger.forget(request_id)
+        return mine
+
+    async def collect(self, timeout: float) -> list[Reply]:
+        """Every reply to a request this mailbox sent that nothing handed over before, oldest first.
+
+        See Requester.collect(). A request whose TTL ran out a moment ago is waited for until the
+        server has surely removed it (EXPIRY_MARGIN), within `timeout`, and then reported expired.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        outstanding: dict[str, dict] = {}
+        handed: list[Reply] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                outstanding = await self.ledger.outstanding()  # before the fetch: a reply fetched is never missed
+                await self._fetch_waiting()
+        except (TimeoutError, nats.errors.Error, OSError):
+            outstanding = {}  # hand over what was fetched; the rest is found by the next collect()
+        try:
+            async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
+                await self._hand_over_fetched(outstanding, handed)
+            settle_by = max((_expiry(entry) for entry in outstanding.values() if _due(entry)), default=None)
+            if settle_by is not None and loop.time() + (settle_by - time.time()) < deadline:
+                await asyncio.sleep(settle_by - time.time())  # a clock to wait for, not an event
+                async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
+                    await self._fetch_waiting()
+                    await self._hand_over_fetched(outstanding, handed)
+            async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
+                for request_id, entry in outstanding.items():
+                    if time.time() > _expiry(entry):
+                        if await self.ledger.claim(request_id, {"expired": True}) is None:
+                            handed.append(self._expired(request_id, entry))
+                        with contextlib.suppress(nats.errors.Error, TimeoutError):
+                            await self.ledger.forget(request_id)
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass  # what was not handed over stays fetched, or in the ledger, for the next collect()
+        return handed
+
+    async def _hand_over_fetched(self, outstanding: dict[str, dict], handed: list[Reply]) -> None:
+        """Hand over (or drop) every reply fetched, oldest first; each leaves `outstanding`."""
+        for msg in sorted(self._fetched.values(), key=lambda msg: msg.metadata.sequence.stream):
+            request_id = p.request_id_of(msg.subject)
+            entry = outstanding.pop(request_id, None) or await self.ledger.sent(request_id)
+            if await self._hand_over(msg, entry):
+                handed.append(Reply.from_msg(msg))
+            self._fetched.pop(request_id, None)
+
+    def _expired(self, request_id: str, entry: dict) -> Reply:
+        description = (
+            f"expired: no responder took the request within its TTL of {entry['ttl']:g}s, so the server removed it"
+        )
+        headers = {p.REQUEST_SUBJECT_HEADER: entry.get("subject", "")}
+        return Reply(request_id, self.reply_subject(request_id), b"", headers, ReplyError(p.EXPIRED, description))
+
+
+def _expiry(entry: dict) -> float:
+    """When (epoch seconds) the server has surely removed a request sent with a TTL; infinity without one."""
+    expires = entry.get("expires")
+    return expires / 1000 + EXPIRY_MARGIN if isinstance(expires, int) else math.inf
+
+
+def _due(entry: dict) -> bool:
+    """True for a request whose TTL has run out, though the server may not have removed it yet."""
+    expiry = _expiry(entry)
+    return expiry - EXPIRY_MARGIN <= time.time() < expiry
