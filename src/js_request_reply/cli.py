@@ -19,7 +19,7 @@ from . import protocol as p
 from .access import ADMIN, RESPONDER, access_config
 from .cluster import EmbeddedCluster
 from .connection import connect
-from .errors import JsRequestReplyError, RequestRejected, RequestTimeout, ServerUnreachable
+from .errors import JsRequestReplyError, PermissionDenied, RequestRejected, RequestTimeout, ServerUnreachable
 from .menu import menu_handlers
 from .requester import Requester
 from .responder import Handled, Responder
@@ -119,9 +119,13 @@ async def _responder(args: argparse.Namespace) -> int:
         say(f"no server at {url}: started an embedded nats-server there; it stops with this responder.")
         nc = await connect(server.url)
     try:
-        await ensure_request_stream(nc.jetstream(), args.stream)
-        if args.mailbox_stream:
-            await ensure_reply_stream(nc.jetstream())
+        try:
+            await ensure_request_stream(nc.jetstream(), args.stream)
+            if args.mailbox_stream:
+                await ensure_reply_stream(nc.jetstream())
+        except PermissionDenied:
+            # The responder user of access-config serves streams; the admin user creates them.
+            say(f"this user may not create streams: serving {args.stream} as the admin made it.")
 
         def show(handled: Handled) -> None:
             detail = f" ({handled.detail})" if handled.detail else ""

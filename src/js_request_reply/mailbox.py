@@ -124,8 +124,14 @@ class Mailbox:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    async def note_sent(self, request_id: str, subject: str, ttl: float | None) -> None:
-        """Write the request into the ledger before it is published, so its reply is recognised as ours."""
+    async def note_sent(self, request_id: str, subject: str, ttl: float | None, *, chosen_id: bool = False) -> None:
+        """Write the request into the ledger before it is published, so its reply is recognised as ours.
+
+        A request id the caller chose (a msg_id) may be one whose outcome was handed over already:
+        a retried send. It is not written down again, so it is not waited for again.
+        """
+        if chosen_id and await self.ledger.done(request_id) is not None:
+            return
         expires = int((time.time() + ttl) * 1000) if ttl else None
         await self.ledger.note_sent(request_id, {"subject": subject, "ttl": ttl, "expires": expires})
 

@@ -179,7 +179,7 @@ class Requester:
                 if self._box is not None:
                     with self._box.owner_only():
                         await self._box.open()
-                        await self._box.note_sent(request_id, subject, ttl)
+                        await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
                 await self._store(
                     subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt, timeout, reply_future
                 )
@@ -228,7 +228,7 @@ class Requester:
             async with asyncio.timeout(timeout):
                 with self._box.owner_only():
                     await self._box.open()
-                    await self._box.note_sent(request_id, subject, ttl)
+                    await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
                 noted = True
                 reply_subject = self._reply_subject(request_id)
                 await self._store(subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt)

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, NotFoundError
 
+from .denials import denied_at_once
 from .errors import NotClustered, StreamConflict
 from .protocol import (
     DEFAULT_REPLY_STREAM,
@@ -93,7 +94,7 @@ def _set_replicas(config: dict[str, Any], replicas: int) -> None:
 async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float, replicas: int) -> None:
     """Create or update the mailbox ledger: direct gets on, rollups off (see `_LEDGER_SETTINGS`)."""
     try:
-        info = await js.stream_info(f"KV_{bucket}")
+        info = await denied_at_once(js._nc, js.stream_info(f"KV_{bucket}"), f"$JS.API.STREAM.INFO.KV_{bucket}")
     except NotFoundError:
         kv = KeyValueConfig(bucket=bucket, ttl=max_age, storage=StorageType.FILE, replicas=replicas, direct=True)
         await _call(js.create_key_value, kv, bucket, "the mailbox ledger")
@@ -146,7 +147,8 @@ async def delete_streams(js: JetStreamContext | Client, *names: str) -> list[str
 
 async def _ensure_stream(js: JetStreamContext, name: str, wanted: dict[str, Any], purpose: str) -> StreamInfo:
     try:
-        info = await js.stream_info(name)
+        # A user who may not manage streams (see access.py) hears so at once, not after a timeout.
+        info = await denied_at_once(js._nc, js.stream_info(name), f"$JS.API.STREAM.INFO.{name}")
     except NotFoundError:
         return await _call(js.add_stream, StreamConfig(name=name, **wanted), name, purpose)
     differences = _differences(info.config, wanted)
