@@ -18,7 +18,7 @@ import nats.errors
 from . import protocol as p
 from .access import ADMIN, RESPONDER, access_config
 from .cluster import EmbeddedCluster
-from .connection import connect
+from .connection import connect, redacted
 from .errors import JsRequestReplyError, PermissionDenied, RequestRejected, RequestTimeout, ServerUnreachable
 from .menu import menu_handlers
 from .requester import Requester
@@ -116,7 +116,7 @@ async def _responder(args: argparse.Namespace) -> int:
         if args.url or os.environ.get("NATS_URL"):
             raise
         server = EmbeddedServer(port=DEFAULT_PORT).start()
-        say(f"no server at {url}: started an embedded nats-server there; it stops with this responder.")
+        say(f"no server at {redacted(url)}: started an embedded nats-server there; it stops with this responder.")
         nc = await connect(server.url)
     try:
         try:
@@ -135,7 +135,9 @@ async def _responder(args: argparse.Namespace) -> int:
         stop = _stop_on_signals()
         async with responder:
             stores = " and REPLIES" if args.mailbox_stream else ""
-            say(f"serving the menu on {args.stream}{stores} at {url} (durable {args.durable!r}); Ctrl-C to stop.")
+            say(
+                f"serving the menu on {args.stream}{stores} at {redacted(url)} (durable {args.durable!r}); Ctrl-C to stop."
+            )
             await stop.wait()
         say("stopped.")
         return 0

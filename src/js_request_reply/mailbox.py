@@ -29,7 +29,7 @@ from . import protocol as p
 from .access import mailbox_consumer
 from .denials import denied_at_once
 from .errors import NoReplyStream, PermissionDenied
-from .failover import UNAVAILABLE, Backoff, while_electing
+from .failover import UNAVAILABLE, Backoff, in_cluster, while_electing
 from .ledger import Ledger
 
 MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
@@ -37,6 +37,7 @@ EXPIRY_MARGIN = (
     1.0  # seconds after a TTL before collect() calls its request expired: the server's TTL clock ticks in seconds
 )
 FETCH_BATCH = 256
+RECHECKS = 5  # reads of a ledger entry, over about a second, before a reply in a cluster counts as unrequested
 
 # Why collect() dropped a message from the mailbox instead of handing it over.
 NOT_REQUESTED = "not requested"  # the ledger never noted its request: sent in this mailbox's name by someone else
@@ -237,6 +238,8 @@ class Mailbox:
         leaves the reply for the next collect(), never lost.
         """
         request_id, seq = p.request_id_of(msg.subject), msg.metadata.sequence.stream
+        if entry is None and in_cluster(self.nc):
+            entry = await self._sent_after_all(request_id)
         if entry is None:
             earlier = await self.ledger.done(request_id)
             mine = earlier is not None and earlier.get("seq") == seq  # claimed, but not acked before a crash
@@ -250,6 +253,20 @@ class Mailbox:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self.ledger.forget(request_id)
         return mine
+
+    async def _sent_after_all(self, request_id: str) -> dict | None:
+        """Read a request's entry again, for a second, before calling its reply one nobody asked for.
+
+        In a cluster any copy of the ledger answers a direct get, and a copy that lags behind its
+        leader may not have an entry written a moment ago: a reply must not be dropped for that.
+        """
+        backoff = Backoff()
+        for _ in range(RECHECKS):
+            await backoff.wait()
+            entry = await self.ledger.sent(request_id)
+            if entry is not None or await self.ledger.done(request_id) is not None:
+                return entry
+        return None
 
     async def collect(self, timeout: float) -> list[Reply]:
         """Every reply to a request this mailbox sent that nothing handed over before, oldest first.
