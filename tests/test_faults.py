@@ -265,7 +265,7 @@ async def test_request_retried_with_the_msg_id_of_a_timed_out_request_says_it_wa
 
     assert str(caught.value) == (
         f"no reply to {subject!r} within 1s; it was not stored, being a duplicate (same msg_id) of "
-        f"{queue.stream} #1, which had already left the stream; retry with a new msg_id"
+        f"{queue.stream} #1, which was left alone (it may be another requester's, or already gone); retry with a new msg_id"
     )
     assert fresh.data == b"hello again"
     assert await messages_in(js, queue.stream) == 0

@@ -75,8 +75,18 @@ class Denials:
 
     def error(self, action: str, subject: str, patterns: tuple[str, ...] = ()) -> PermissionDenied:
         # The server lower-cases the subject; ours says it as the caller wrote it, when it was exact.
-        exact = [pattern for pattern in patterns if pattern.lower() == subject.lower()]
-        return PermissionDenied(exact[0] if exact else subject, user_of(self.nc), action)
+        cased = [_cased(pattern, subject) for pattern in patterns if _covers((pattern,), subject)]
+        return PermissionDenied(cased[0] if cased else subject, user_of(self.nc), action)
+
+
+def _cased(pattern: str, subject: str) -> str:
+    """`subject` (lower-cased by the server) with the case of `pattern`'s literal tokens put back."""
+    pattern_tokens, subject_tokens = pattern.split("."), subject.split(".")
+    if pattern_tokens[-1] == ">":
+        pattern_tokens = pattern_tokens[:-1] + [">"] * (len(subject_tokens) - len(pattern_tokens) + 1)
+    return ".".join(
+        mine if mine not in ("*", ">") else theirs for mine, theirs in zip(pattern_tokens, subject_tokens, strict=False)
+    )
 
 
 def _covers(patterns: tuple[str, ...], subject: str) -> bool:

@@ -28,7 +28,7 @@ from nats.js.errors import APIError, NotFoundError
 from . import protocol as p
 from .access import mailbox_consumer
 from .denials import denied_at_once
-from .errors import NoReplyStream, PermissionDenied
+from .errors import NoReplyStream, PermissionDenied, RequestNotStored
 from .failover import UNAVAILABLE, Backoff, in_cluster, while_electing
 from .ledger import Ledger
 
@@ -125,16 +125,36 @@ class Mailbox:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    async def note_sent(self, request_id: str, subject: str, ttl: float | None, *, chosen_id: bool = False) -> None:
+    async def note_sent(self, request_id: str, subject: str, ttl: float | None, *, chosen_id: bool = False) -> bool:
         """Write the request into the ledger before it is published, so its reply is recognised as ours.
 
-        A request id the caller chose (a msg_id) may be one whose outcome was handed over already:
-        a retried send. It is not written down again, so it is not waited for again.
+        Returns True when this mailbox sent a request with this id before: a request id the caller
+        chose (a msg_id) may be a retried send. One whose outcome was handed over already is not
+        written down again, so it is not waited for again.
         """
-        if chosen_id and await self.ledger.done(request_id) is not None:
-            return
+        if chosen_id:
+            if await self.ledger.done(request_id) is not None:
+                return True
+            if await self.ledger.sent(request_id) is not None:
+                return True
         expires = int((time.time() + ttl) * 1000) if ttl else None
         await self.ledger.note_sent(request_id, {"subject": subject, "ttl": ttl, "expires": expires})
+        return False
+
+    async def check_not_foreign(self, request_id: str, subject: str, stored: Any, sent_before: bool) -> None:
+        """Refuse a msg_id that another requester's stored request already has.
+
+        The stream stores a request once per msg_id, whoever sends it: a copy sent with the msg_id
+        of a request this mailbox never sent was dropped, and its reply would go to that sender.
+        """
+        if stored is None or not stored.duplicate or sent_before:
+            return
+        await self.forget_unsent(request_id)
+        raise RequestNotStored(
+            subject,
+            f"msg_id {request_id!r} is taken: {stored.stream} #{stored.seq} has it, and mailbox {self.name!r} did "
+            f"not send that request (every requester on {stored.stream} shares its msg_ids); choose another",
+        )
 
     async def forget_unsent(self, request_id: str) -> None:
         """Take back the ledger entry of a request that was never stored."""

@@ -176,13 +176,16 @@ class Requester:
         attempt = _Attempt()
         try:
             async with asyncio.timeout_at(deadline):
+                sent_before = False
                 if self._box is not None:
                     with self._box.owner_only():
                         await self._box.open()
-                        await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
+                        sent_before = await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
                 await self._store(
                     subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt, timeout, reply_future
                 )
+                if self._box is not None:
+                    await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
                 if reply_future is not None:
                     msg = await reply_future
                     _raise_if_error(msg, subject)
@@ -228,10 +231,11 @@ class Requester:
             async with asyncio.timeout(timeout):
                 with self._box.owner_only():
                     await self._box.open()
-                    await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
+                    sent_before = await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
                 noted = True
                 reply_subject = self._reply_subject(request_id)
                 await self._store(subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt)
+                await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
         except TimeoutError:
             said = f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
             if not noted:
@@ -370,6 +374,13 @@ class Requester:
             if attempt.leaderless:
                 return f"{said}; the request was not stored{LEADERLESS}"
             return f"{said}; the server did not confirm storing the request"
+        if stored.duplicate:
+            # The stored copy has this msg_id but may be another requester's (msg_ids are shared by
+            # everyone who publishes to the stream): it is left alone.
+            return (
+                f"{said}; it was not stored, being a duplicate (same msg_id) of {stored.stream} #{stored.seq}, "
+                "which was left alone (it may be another requester's, or already gone); retry with a new msg_id"
+            )
         deleted = await delete_request(self.nc, stored)
         if deleted is True:
             if self._box is not None:
@@ -379,13 +390,6 @@ class Requester:
             return (
                 f"{said}; this user may not delete the stored request ({stored.stream} #{stored.seq}), so it "
                 "stays until a responder takes it and, its deadline past, rejects it without running it"
-            )
-        if stored.duplicate:
-            # The server remembers a msg_id for its duplicate window even after the message is gone, so
-            # a request retried with the msg_id of one deleted on timeout is dropped, and nobody answers it.
-            return (
-                f"{said}; it was not stored, being a duplicate (same msg_id) of {stored.stream} #{stored.seq}, "
-                "which had already left the stream; retry with a new msg_id"
             )
         return f"{said}; a responder had already taken the request ({stored.stream} #{stored.seq})"
 
