@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import pytest
+
 import js_request_reply as jrr
+
+SETTLE = 10.0  # seconds, at most, for something the server or a responder does on its own
+POLL = 0.02  # seconds between two looks at a condition that announces no event
+DENIED_WITHIN = 1.5  # seconds: a denial is an error at once, not after the call's timeout
 
 
 def unique(prefix: str) -> str:
@@ -76,3 +84,67 @@ class Outcomes:
         """The first record for which `condition(record)` holds, once there is one."""
         await self.wait_until(lambda records: any(condition(h) for h in records))
         return next(h for h in self.records if condition(h))
+
+
+async def eventually(check: Callable[[], Awaitable], timeout: float = SETTLE):
+    """Poll `check()` until it returns something truthy, at most `timeout` seconds, and return that."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await check()
+            if result:
+                return result
+            await asyncio.sleep(POLL)  # the server announces none of these changes: look again
+
+
+async def denied_quickly(call: Awaitable) -> jrr.PermissionDenied:
+    """The PermissionDenied that `call` raises, which must come at once rather than after its timeout."""
+    started = time.monotonic()
+    with pytest.raises(jrr.PermissionDenied) as raised:
+        await call
+    took = time.monotonic() - started
+    assert took < DENIED_WITHIN, f"PermissionDenied came after {took:.2f} s, as if it had waited for a timeout"
+    return raised.value
+
+
+class ErrorLog:
+    """An error callback that keeps what the server reported to one connection.
+
+    A violation is waited for, not looked up after a flush: nats-py writes a flush's PING straight
+    to the socket, ahead of a SUB still in its pending buffer, so the PONG can come before the -ERR.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, error: Exception) -> None:
+        self.errors.append(error)
+        self._changed.set()
+
+    def mark(self) -> int:
+        return len(self.errors)
+
+    def reported(self, action: str, subject: str, since: int) -> bool:
+        """True when the server reported a permissions violation for `subject` after `since`."""
+        verb = "publish" if action == "publish" else "subscription"
+        said = f'permissions violation for {verb} to "{subject.lower()}"'
+        return any(said in str(error).lower() for error in self.errors[since:])
+
+    async def wait_for(self, action: str, subject: str, since: int) -> bool:
+        """Whether the server reports a violation for `subject` (after `since`) within SETTLE seconds."""
+        try:
+            async with asyncio.timeout(SETTLE):
+                while not self.reported(action, subject, since):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_for_count(self, count: int) -> list[Exception]:
+        """The errors, once there are at least `count` (at most SETTLE seconds)."""
+        async with asyncio.timeout(SETTLE):
+            while len(self.errors) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.errors

@@ -9,6 +9,7 @@ each violation and fails, at once, every call that is waiting on the denied subj
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
@@ -94,6 +95,29 @@ def _covers(patterns: tuple[str, ...], subject: str) -> bool:
     return any(pattern.lower() == subject or p.subject_matches(pattern.lower(), subject) for pattern in patterns)
 
 
+async def processed(nc: Client, denied: asyncio.Future, timeout: float = 5.0) -> None:
+    """Return once the server has processed what `nc` sent before this call, or `denied` is done.
+
+    A flush does not do it: nats-py writes its PING ahead of commands still buffered. A message to
+    an inbox of our own is queued behind them, so its arrival means every earlier command was
+    processed, and any violation it caused has been reported (the server answers in order).
+    """
+    probe = nc.new_inbox()
+    sub = await nc.subscribe(probe, max_msgs=1)
+    try:
+        await nc.publish(probe)
+        arrival = asyncio.ensure_future(sub.next_msg(timeout=timeout))
+        try:
+            await asyncio.wait({arrival, denied}, timeout=timeout, return_when=FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await arrival
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 def denials_for(nc: Client) -> Denials:
     """The connection's watcher, installed on first use in front of its error callback."""
     denials = getattr(nc, "_jrr_denials", None)
@@ -117,9 +141,9 @@ async def denied_at_once(nc: Client, awaitable: Awaitable[T], *subjects: str) ->
     task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
     try:
         await asyncio.wait({task, denied}, return_when=FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise denied.exception()
+        if denied.done():  # a denial beats a result that came with it: the subject was refused
+            raise denied.exception()
+        return task.result()
     finally:
         denials.unwatch(denied)
         if not task.done():

@@ -165,15 +165,22 @@ class Ledger:
         while True:
             try:
                 return await denied_at_once(self.nc, call(), subject)
+            except NotFoundError as missing:
+                if getattr(missing, "err_code", None) == p.JS_ERR_STREAM_NOT_FOUND:
+                    raise self._missing() from None
+                raise
             except UNAVAILABLE:
                 if not checked and not await is_leaderless(self.nc, f"$KV.{self.bucket}.{self.mailbox}.x"):
-                    raise NoReplyStream(
-                        f"the mailbox ledger {self.bucket!r} does not exist; create it with ensure_reply_stream(js)"
-                    ) from None
+                    raise self._missing() from None
                 checked = True
             except nats.errors.TimeoutError:
                 pass  # went to a leader that died before answering: every call here is safe to repeat
             await backoff.wait()
+
+    def _missing(self) -> NoReplyStream:
+        return NoReplyStream(
+            f"the mailbox ledger {self.bucket!r} does not exist; create it with ensure_reply_stream(js)"
+        )
 
 
 def _listing_lock(nc: Client, stream: str, mailbox: str) -> asyncio.Lock:

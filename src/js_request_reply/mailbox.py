@@ -125,21 +125,27 @@ class Mailbox:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    async def note_sent(self, request_id: str, subject: str, ttl: float | None, *, chosen_id: bool = False) -> bool:
+    async def note_sent(
+        self, request_id: str, subject: str, ttl: float | None, token: str, *, chosen_id: bool = False
+    ) -> tuple[bool, str | None]:
         """Write the request into the ledger before it is published, so its reply is recognised as ours.
 
-        Returns True when this mailbox sent a request with this id before: a request id the caller
-        chose (a msg_id) may be a retried send. One whose outcome was handed over already is not
+        `token` travels with the request (Nats-Mailbox-Token) and comes back on its reply. Returns
+        whether this mailbox sent a request with this id before, and the token the request must
+        carry. A request id the caller chose (a msg_id) may be a retried send: one still waiting
+        keeps the token it was noted with, and one whose outcome was handed over already is not
         written down again, so it is not waited for again.
         """
         if chosen_id:
             if await self.ledger.done(request_id) is not None:
-                return True
-            if await self.ledger.sent(request_id) is not None:
-                return True
+                return True, token
+            earlier = await self.ledger.sent(request_id)
+            if earlier is not None:
+                return True, earlier.get("token")
         expires = int((time.time() + ttl) * 1000) if ttl else None
-        await self.ledger.note_sent(request_id, {"subject": subject, "ttl": ttl, "expires": expires})
-        return False
+        entry = {"subject": subject, "ttl": ttl, "expires": expires, "token": token}
+        await self.ledger.note_sent(request_id, entry)
+        return False, token
 
     async def check_not_foreign(self, request_id: str, subject: str, stored: Any, sent_before: bool) -> None:
         """Refuse a msg_id that another requester's stored request already has.
@@ -158,7 +164,7 @@ class Mailbox:
 
     async def forget_unsent(self, request_id: str) -> None:
         """Take back the ledger entry of a request that was never stored."""
-        with contextlib.suppress(nats.errors.Error, TimeoutError, NoReplyStream):
+        with contextlib.suppress(nats.errors.Error, TimeoutError, NoReplyStream, PermissionDenied):
             await self.ledger.forget(request_id)
 
     # -- the consumer -------------------------------------------------------------------------------
@@ -234,8 +240,11 @@ class Mailbox:
 
     # -- handing over -------------------------------------------------------------------------------
 
-    async def wait_for(self, request_id: str) -> Reply:
-        """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it."""
+    async def wait_for(self, request_id: str, entry: dict) -> Reply:
+        """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it.
+
+        `entry` is what the ledger noted for the request (this process wrote it: no need to read it).
+        """
         backoff = Backoff()
         while True:
             async with self._fetch_lock:
@@ -247,7 +256,7 @@ class Mailbox:
                     except UNAVAILABLE:
                         await backoff.wait()  # the mailbox's consumer is electing a leader
             msg = self._fetched.pop(request_id)
-            if await self._hand_over(msg, await self.ledger.sent(request_id)):
+            if await self._hand_over(msg, entry):
                 return Reply.from_msg(msg)
 
     async def _hand_over(self, msg: Msg, entry: dict | None) -> bool:
@@ -263,6 +272,13 @@ class Mailbox:
         if entry is None:
             earlier = await self.ledger.done(request_id)
             mine = earlier is not None and earlier.get("seq") == seq  # claimed, but not acked before a crash
+        elif not _answers(msg, entry):
+            # Stored under this request's subject, but not by a responder that saw the request: a
+            # JetStream API answer or a PubAck given this subject as its reply subject. The real
+            # reply may still come.
+            await denied_at_once(self.nc, msg.ack_sync(), msg.reply)
+            self.dropped[NOT_REQUESTED] += 1
+            return False
         else:
             earlier = await self.ledger.claim(request_id, {"seq": seq})
             mine = earlier is None or earlier.get("seq") == seq
@@ -339,6 +355,16 @@ class Mailbox:
         )
         headers = {p.REQUEST_SUBJECT_HEADER: entry.get("subject", "")}
         return Reply(request_id, self.reply_subject(request_id), b"", headers, ReplyError(p.EXPIRED, description))
+
+
+def _answers(msg: Msg, entry: dict) -> bool:
+    """True when `msg` carries the token and subject its ledger entry noted (entries of old have no token)."""
+    headers = msg.headers or {}
+    token = entry.get("token")
+    if token is not None and headers.get(p.MAILBOX_TOKEN_HEADER) != token:
+        return False
+    subject = entry.get("subject")
+    return subject is None or headers.get(p.REQUEST_SUBJECT_HEADER) == subject
 
 
 def _expiry(entry: dict) -> float:

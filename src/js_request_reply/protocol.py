@@ -15,6 +15,10 @@ REPLY_HEADER = "Nats-Reply"
 # Set by a mailbox-mode requester: the stream that stores its replies, so the responder
 # waits for that stream's PubAck before acking the request.
 REPLY_STREAM_HEADER = "Nats-Reply-Stream"
+# Set by a mailbox-mode requester, noted in its ledger entry, and copied onto the stored reply: a
+# random token only the mailbox's owner (and the responder) sees. A reply is handed over only if it
+# carries the token its ledger entry noted, so nobody who merely knows a request id can answer it.
+MAILBOX_TOKEN_HEADER = "Nats-Mailbox-Token"
 # Carried on every reply: the subject of the request it answers.
 REQUEST_SUBJECT_HEADER = "Nats-Request-Subject"
 # Set by the requester: when its answer stops being useful, in Unix epoch milliseconds. A responder
@@ -107,10 +111,11 @@ def mailbox_subject(mailbox: str, request_id: str, prefix: str = DEFAULT_REPLY_P
     return f"{prefix}.{mailbox}.{request_id}"
 
 
-def mailbox_of(reply_subject: str) -> str:
-    """The mailbox a stored reply's subject names: the token before the request id."""
-    tokens = reply_subject.split(".")
-    return tokens[-2] if len(tokens) >= 3 else ""
+def mailbox_of(reply_subject: str, prefix: str = DEFAULT_REPLY_PREFIX) -> str:
+    """The mailbox a reply subject `<prefix>.<mailbox>.<request id>` names; "" for any other shape."""
+    rest = reply_subject[len(prefix) + 1 :] if reply_subject.startswith(prefix + ".") else ""
+    mailbox, _, request_id = rest.partition(".")
+    return mailbox if is_valid_token(mailbox) and is_valid_token(request_id) else ""
 
 
 def ledger_bucket(reply_stream: str) -> str:

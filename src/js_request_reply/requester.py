@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import secrets
 from asyncio import FIRST_COMPLETED
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ class _Attempt:
 
     stored: Stored | None = None
     leaderless: bool = False  # a stream captures the subject, but had no leader to store the request
+    noted: bool = False  # mailbox mode: the request is written in the mailbox's ledger
+    token: str | None = None  # mailbox mode: the token the request carries, noted in the ledger
 
 
 class _ReplyInbox:
@@ -178,9 +181,7 @@ class Requester:
             async with asyncio.timeout_at(deadline):
                 sent_before = False
                 if self._box is not None:
-                    with self._box.owner_only():
-                        await self._box.open()
-                        sent_before = await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
+                    sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
                 await self._store(
                     subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt, timeout, reply_future
                 )
@@ -191,14 +192,14 @@ class Requester:
                     _raise_if_error(msg, subject)
                     return msg
                 with self._box.owner_only():
-                    reply = await self._box.wait_for(request_id)
+                    reply = await self._box.wait_for(request_id, {"subject": subject, "token": attempt.token})
                 if reply.error:
                     raise RequestRejected(reply.error.code, reply.error.description, subject)
                 return reply
         except TimeoutError:
             raise RequestTimeout(await self._timed_out(subject, request_id, timeout, attempt)) from None
         except (NoRequestStream, RequestNotStored, PermissionDenied):
-            if self._box is not None and attempt.stored is None:
+            if attempt.noted and attempt.stored is None:
                 await self._box.forget_unsent(request_id)
             raise
         finally:
@@ -226,23 +227,19 @@ class Requester:
         data = self._checked(subject, payload, headers, ttl)
         request_id = self._request_id(msg_id)
         attempt = _Attempt()
-        noted = False
         try:
             async with asyncio.timeout(timeout):
-                with self._box.owner_only():
-                    await self._box.open()
-                    sent_before = await self._box.note_sent(request_id, subject, ttl, chosen_id=msg_id is not None)
-                noted = True
+                sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
                 reply_subject = self._reply_subject(request_id)
                 await self._store(subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt)
                 await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
         except TimeoutError:
             said = f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
-            if not noted:
+            if not attempt.noted:
                 said = f"the mailbox ledger did not confirm noting the request to {subject!r} within {timeout:g}s"
             raise RequestTimeout(f"{said}{LEADERLESS if attempt.leaderless else ''}") from None
         except (NoRequestStream, RequestNotStored, PermissionDenied):
-            if noted:
+            if attempt.noted and attempt.stored is None:
                 await self._box.forget_unsent(request_id)
             raise
         finally:
@@ -276,6 +273,19 @@ class Requester:
         await self.close()
 
     # -- the steps ----------------------------------------------------------------------------------
+
+    async def _note(
+        self, request_id: str, subject: str, ttl: float | None, msg_id: str | None, attempt: _Attempt
+    ) -> bool:
+        """Open the mailbox and note the request in its ledger, with a fresh token; True if it was sent before."""
+        token = secrets.token_urlsafe(16)  # unguessable: the reply must carry it back
+        with self._box.owner_only():
+            await self._box.open()
+            sent_before, attempt.token = await self._box.note_sent(
+                request_id, subject, ttl, token, chosen_id=msg_id is not None
+            )
+        attempt.noted = True
+        return sent_before
 
     def _request_id(self, msg_id: str | None) -> str:
         if msg_id is None:
@@ -325,6 +335,8 @@ class Requester:
         all_headers[p.REPLY_HEADER] = reply_subject
         if self._box is not None:
             all_headers[p.REPLY_STREAM_HEADER] = self.reply_stream
+            if attempt.token is not None:
+                all_headers[p.MAILBOX_TOKEN_HEADER] = attempt.token
         # In a cluster the stream's leader can die after storing a request and before its PubAck: the
         # request is published again, and the request id as Nats-Msg-Id makes the stream store it once.
         republish = in_cluster(self.nc)
@@ -369,7 +381,7 @@ class Requester:
         said = f"no reply to {subject!r} within {timeout:g}s"
         stored = attempt.stored
         if stored is None:
-            if self._box is not None:
+            if attempt.noted:
                 await self._box.forget_unsent(request_id)
             if attempt.leaderless:
                 return f"{said}; the request was not stored{LEADERLESS}"
@@ -383,7 +395,7 @@ class Requester:
             )
         deleted = await delete_request(self.nc, stored)
         if deleted is True:
-            if self._box is not None:
+            if attempt.noted:
                 await self._box.forget_unsent(request_id)
             return f"{said}; the stored request ({stored.stream} #{stored.seq}) was deleted"
         if deleted is None:

@@ -19,7 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
-from .denials import denials_for, denied_at_once
+from .denials import denials_for, denied_at_once, processed
 from .errors import NoLeader, PayloadTooLarge, PermissionDenied, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless, while_electing
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
@@ -155,14 +155,14 @@ class Responder:
     async def _check_subscriptions(self) -> None:
         """Raise PermissionDenied if the server refused one of the subscriptions just made.
 
-        The server answers a denied subscription only with an -ERR, which arrives before the
-        PONG of a flush: after the flush, every refusal has been seen.
+        The server answers a denied subscription only with an -ERR, reported before anything the
+        server processes after it.
         """
         subs = [self._deliver_sub, self._advisory_sub, *self._leader_subs]
         denials = denials_for(self.nc)
         denied = denials.watch(*(sub.subject for sub in subs))
         try:
-            await self.nc.flush(timeout=5)
+            await processed(self.nc, denied)
             if denied.done():
                 error = denied.exception()
                 for sub in subs:
@@ -369,7 +369,9 @@ class Responder:
         reply_stream = headers.get(p.REPLY_STREAM_HEADER, "")
         if not reply_stream:
             return f"Nats-Reply {reply_to!r} names a mailbox, but the request has no {p.REPLY_STREAM_HEADER} header"
-        mailbox, request_id = p.mailbox_of(reply_to), p.request_id_of(reply_to)
+        mailbox, request_id = p.mailbox_of(reply_to, self.reply_prefix), p.request_id_of(reply_to)
+        if not mailbox:
+            return f"Nats-Reply {reply_to!r} is not a mailbox subject, {self.reply_prefix}.<mailbox>.<request id>"
         bucket = p.ledger_bucket(reply_stream)
         get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
         key = f"$KV.{bucket}.{mailbox}.{request_id}"
@@ -383,8 +385,11 @@ class Responder:
         except (TimeoutError, APIError, PermissionDenied):
             return None
         noted = entry is not None and (entry.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
-        if not noted or _noted_subject(entry.data) not in (msg.subject, None):
+        if not noted:
             return f"mailbox {mailbox!r} did not send this request (no entry {mailbox}.{request_id} in {bucket!r})"
+        subject, token = _noted(entry.data)
+        if subject not in (msg.subject, None) or token not in (headers.get(p.MAILBOX_TOKEN_HEADER), None):
+            return f"mailbox {mailbox!r} did not send this request (its entry {mailbox}.{request_id} is another's)"
         return ""
 
     async def _on_leader_elected(self, advisory: Msg) -> None:
@@ -472,6 +477,9 @@ class Responder:
             p.MSG_ID_HEADER: request_id,
             "Nats-Expected-Stream": reply_stream,
         }
+        token = (request_headers or {}).get(p.MAILBOX_TOKEN_HEADER)
+        if token:
+            headers[p.MAILBOX_TOKEN_HEADER] = token  # how the mailbox knows the reply answers its request
         try:
             async with asyncio.timeout(self.reply_timeout):
                 body = await self._store_reply(reply_to, data, headers)
@@ -534,13 +542,14 @@ class Responder:
             self.on_handled(handled)
 
 
-def _noted_subject(entry: bytes) -> str | None:
-    """The request subject a ledger entry noted, or None when it names none."""
+def _noted(entry: bytes) -> tuple[str | None, str | None]:
+    """The request subject and token a ledger entry noted (None for what it does not name)."""
     try:
-        subject = json.loads(entry).get("subject")
+        noted = json.loads(entry)
+        subject, token = noted.get("subject"), noted.get("token")
     except (ValueError, AttributeError):
-        return None
-    return subject if isinstance(subject, str) else None
+        return None, None
+    return (subject if isinstance(subject, str) else None), (token if isinstance(token, str) else None)
 
 
 def _delivery_count(msg: Msg) -> int:
