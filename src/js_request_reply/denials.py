@@ -57,6 +57,7 @@ class Denials:
         return future
 
     def unwatch(self, future: asyncio.Future) -> None:
+        """Stop watching: the call that waited on `future` is over."""
         self._watches.pop(future, None)
         if future.done() and not future.cancelled():
             future.exception()  # retrieved: asyncio would otherwise log it as never retrieved
@@ -75,6 +76,7 @@ class Denials:
         return True
 
     def error(self, action: str, subject: str, patterns: tuple[str, ...] = ()) -> PermissionDenied:
+        """The PermissionDenied for a violation, naming the subject as the watching call wrote it."""
         # The server lower-cases the subject; ours says it as the caller wrote it, when it was exact.
         cased = [_cased(pattern, subject) for pattern in patterns if _covers((pattern,), subject)]
         return PermissionDenied(cased[0] if cased else subject, user_of(self.nc), action)

@@ -2,10 +2,11 @@
 
 A mailbox `alice` is a durable consumer `mailbox-alice` on REPLIES, filtered to
 `replies.alice.>`, and alice's entries in the ledger (see ledger.py). A reply is handed over
-only if the ledger shows that this mailbox sent its request, and only once: anything else that
-lands in the mailbox (a reply to a request somebody else sent in alice's name, a message stored
-there by a JetStream API call given alice's subject as its reply subject, a second reply to a
-request already answered) is acked, dropped and counted in `dropped`.
+only if the ledger shows that this mailbox sent its request, and the reply carries the random
+token the ledger noted for it (Nats-Mailbox-Token), and only once. Anything else that lands in
+the mailbox (a reply to a request somebody else sent in alice's name, a message stored there by a
+JetStream API call given alice's subject as its reply subject, a second reply to a request
+already answered) is acked, dropped and counted in `dropped`.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Mailbox:
             ) from None
 
     def reply_subject(self, request_id: str) -> str:
+        """Where a reply to `request_id` is stored: `<prefix>.<mailbox>.<request id>`."""
         return p.mailbox_subject(self.name, request_id, self.reply_prefix)
 
     # -- sending ------------------------------------------------------------------------------------
