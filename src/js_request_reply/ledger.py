@@ -37,6 +37,7 @@ from .failover import UNAVAILABLE, Backoff, is_leaderless
 T = TypeVar("T")
 LISTING_IDLE_LIMIT = 60.0  # seconds: the server removes a listing consumer left behind by a crash
 LISTING_BATCH = 256
+LISTING_DELETE_TIMEOUT = 2.0  # seconds: removing the listing consumer is worth a try, not a wait
 
 
 class Ledger:
@@ -89,15 +90,16 @@ class Ledger:
         api = f"$JS.API.CONSUMER.%s.{self.stream}.{name}"
         create = f"{api % 'CREATE'}.{config.filter_subject}"
         async with self._listing:
-            info = await self._call(lambda: js.add_consumer(self.stream, config), create)
-            if info.delivered is not None and info.delivered.consumer_seq:
-                # One left behind by a listing that crashed would go on from where that one stopped.
-                await self._delete_listing(api % "DELETE")
-                info = await self._call(lambda: js.add_consumer(self.stream, config), create)
             try:
+                info = await self._call(lambda: js.add_consumer(self.stream, config), create)
+                if info.delivered is not None and info.delivered.consumer_seq:
+                    # One left behind by a listing that crashed would go on from where that one stopped.
+                    await self._delete_listing(api % "DELETE")
+                    info = await self._call(lambda: js.add_consumer(self.stream, config), create)
                 return await self._read_listing(name, info.num_pending, api % "MSG.NEXT")
             finally:
-                await self._delete_listing(api % "DELETE")
+                # Also when the listing was cut short: one left on a server that died would block the next.
+                await asyncio.shield(self._delete_listing(api % "DELETE"))
 
     async def _read_listing(self, name: str, pending: int, next_subject: str) -> dict[str, dict[str, Any]]:
         entries: dict[str, dict[str, Any]] = {}
@@ -119,10 +121,11 @@ class Ledger:
         return entries
 
     async def _delete_listing(self, subject: str) -> None:
-        with contextlib.suppress(NotFoundError, *UNAVAILABLE, nats.errors.TimeoutError):
-            await denied_at_once(
-                self.nc, self.nc.jetstream().delete_consumer(self.stream, ledger_consumer(self.mailbox)), subject
-            )
+        with contextlib.suppress(NotFoundError, *UNAVAILABLE, nats.errors.TimeoutError, TimeoutError):
+            async with asyncio.timeout(LISTING_DELETE_TIMEOUT):
+                await denied_at_once(
+                    self.nc, self.nc.jetstream().delete_consumer(self.stream, ledger_consumer(self.mailbox)), subject
+                )
 
     # -- what was handed over -----------------------------------------------------------------------
 

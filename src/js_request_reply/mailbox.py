@@ -38,6 +38,7 @@ EXPIRY_MARGIN = (
     1.0  # seconds after a TTL before collect() calls its request expired: the server's TTL clock ticks in seconds
 )
 FETCH_BATCH = 256
+LISTING_SHARE = 0.5  # at most this share of collect()'s timeout goes to listing the ledger
 RECHECKS = 5  # reads of a ledger entry, over about a second, before a reply in a cluster counts as unrequested
 
 # Why collect() dropped a message from the mailbox instead of handing it over.
@@ -317,11 +318,17 @@ class Mailbox:
         outstanding: dict[str, dict] = {}
         handed: list[Reply] = []
         try:
+            # Listed before the fetch, so a reply fetched is never missed. Only expiries need the
+            # listing: when it fails (a cluster that lost the listing's node), replies are handed over anyway.
+            async with asyncio.timeout(timeout * LISTING_SHARE):
+                outstanding = await self.ledger.outstanding()
+        except (TimeoutError, nats.errors.Error, OSError):
+            outstanding = {}
+        try:
             async with asyncio.timeout_at(deadline):
-                outstanding = await self.ledger.outstanding()  # before the fetch: a reply fetched is never missed
                 await self._fetch_waiting()
         except (TimeoutError, nats.errors.Error, OSError):
-            outstanding = {}  # hand over what was fetched; the rest is found by the next collect()
+            pass  # hand over what was fetched; the rest is found by the next collect()
         try:
             async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
                 await self._hand_over_fetched(outstanding, handed)
