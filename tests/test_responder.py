@@ -301,3 +301,15 @@ async def test_invalid_durable_is_a_value_error(nc, durable):
 async def test_max_in_flight_under_one_is_a_value_error(nc):
     with pytest.raises(ValueError, match=r"max_in_flight must be at least 1"):
         jrr.Responder(nc, lambda msg: b"", max_in_flight=0)
+
+
+async def test_a_durable_made_by_hand_with_a_filter_keeps_it_and_serves_every_request(nc, js, queue):
+    # A learner's own pull consumer first (notebook 03 builds one), then a Responder on the same durable.
+    hand_made = await js.pull_subscribe(queue.subject("*"), durable="responder", stream=queue.stream)
+    await hand_made.unsubscribe()
+    async with jrr.Responder(nc, lambda msg: b"served", stream=queue.stream):
+        replies = [await jrr.request(nc, queue.subject("order"), timeout=5) for _ in range(3)]
+    info = await js.consumer_info(queue.stream, "responder")
+
+    assert [reply.data for reply in replies] == [b"served"] * 3
+    assert info.config.filter_subject == queue.subject("*"), "the durable keeps the filter it was made with"

@@ -85,6 +85,7 @@ def responder_permissions(
     api = "$JS.API"
     publish = (
         f"{api}.CONSUMER.CREATE.{request_stream}.*",
+        f"{api}.CONSUMER.CREATE.{request_stream}.*.>",  # a durable that was made with a filter keeps it
         f"{api}.CONSUMER.INFO.{request_stream}.*",
         f"{api}.CONSUMER.MSG.NEXT.{request_stream}.*",
         f"{api}.CONSUMER.RESET.{request_stream}.*",  # in a cluster, after a failover

@@ -224,12 +224,18 @@ class Responder:
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
         )
+        js = self.nc.jetstream()
+        api = f"$JS.API.CONSUMER.%s.{self.stream}.{self.durable}"
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                create = f"$JS.API.CONSUMER.CREATE.{self.stream}.{self.durable}"
-                await while_electing(
-                    lambda: denied_at_once(self.nc, self.nc.jetstream().add_consumer(self.stream, config), create)
-                )
+                existing = await self._existing_consumer(api % "INFO")
+                if existing is not None:
+                    # A durable made with a filter keeps it: the server stops feeding a waiting pull
+                    # when an update takes a consumer's filter away.
+                    config.filter_subject = existing.config.filter_subject
+                    config.filter_subjects = existing.config.filter_subjects
+                create = api % "CREATE" + (f".{config.filter_subject}" if config.filter_subject else "")
+                await while_electing(lambda: denied_at_once(self.nc, js.add_consumer(self.stream, config), create))
         except TimeoutError:
             raise NoLeader(
                 f"durable {self.durable!r} on {self.stream!r} could not be created or bound within "
@@ -249,6 +255,18 @@ class Responder:
             raise StreamConflict(
                 f"durable {self.durable!r} on {self.stream!r} could not be created: {exc.description}"
             ) from None
+
+    async def _existing_consumer(self, info_subject: str) -> Any:
+        """The durable's info if it exists already, else None (a missing stream raises NotFoundError)."""
+        js = self.nc.jetstream()
+        try:
+            return await while_electing(
+                lambda: denied_at_once(self.nc, js.consumer_info(self.stream, self.durable), info_subject)
+            )
+        except NotFoundError as missing:
+            if missing.err_code == p.JS_ERR_STREAM_NOT_FOUND:
+                raise
+            return None
 
     async def _pull_loop(self) -> None:
         """Keep one pull request open, asking for as many requests as there is room for."""
