@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import re
@@ -16,7 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import nats
@@ -24,8 +28,9 @@ import pytest
 from nats.js.api import StreamConfig
 
 import js_request_reply as jrr
+from js_request_reply.cli import lab_environment
 from js_request_reply.errors import PermissionDenied
-from js_request_reply.server import find_binary, free_port
+from js_request_reply.server import LAB_URL_VARIABLE, find_binary, free_port
 
 
 def cli_env(url: str) -> dict[str, str]:
@@ -378,3 +383,96 @@ def test_cluster_of_one_is_refused_saying_what_to_use_instead():
     assert "error: a cluster needs at least 2 nodes, not 1" in result.stderr
     assert "`server` command" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- lab ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTIFICATION_SETTINGS = "@jupyterlab/apputils-extension:notification"
+LAB_START_TIMEOUT = 120.0  # seconds for JupyterLab to answer on a busy machine
+
+
+def test_lab_environment_marks_the_labs_own_server_for_kernels_to_leave_to_terminals(tmp_path):
+    base = {"PATH": "/usr/bin", "JUPYTER_CONFIG_PATH": "/etc/elsewhere"}
+
+    env = lab_environment(base, "nats://127.0.0.1:4333", tmp_path)
+
+    assert env["NATS_URL"] == env[LAB_URL_VARIABLE] == "nats://127.0.0.1:4333"
+    assert env["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin"]
+    assert env["JUPYTER_CONFIG_PATH"].split(os.pathsep) == [str(tmp_path), "/etc/elsewhere"]
+    assert base == {"PATH": "/usr/bin", "JUPYTER_CONFIG_PATH": "/etc/elsewhere"}, "the caller's is left alone"
+
+
+def test_lab_environment_keeps_a_nats_url_the_learner_set_unmarked(tmp_path):
+    env = lab_environment({"NATS_URL": "nats://learner01:pw@example.org:4222"}, None, tmp_path)
+
+    assert env["NATS_URL"] == "nats://learner01:pw@example.org:4222"
+    assert LAB_URL_VARIABLE not in env, "every kernel uses the learner's URL"
+    assert env["JUPYTER_CONFIG_PATH"] == str(tmp_path)
+
+
+def fetch_news(port: int, token: str, process: subprocess.Popen) -> str:
+    """JupyterLab's fetchNews as its page will see it: the learner's value, else the served default."""
+    served = lab_settings(port, token, process)
+    return served["settings"].get("fetchNews", served["schema"]["properties"]["fetchNews"]["default"])
+
+
+def lab_settings(port: int, token: str, process: subprocess.Popen) -> dict:
+    """The notification settings JupyterLab serves, once it answers (at most LAB_START_TIMEOUT seconds)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/lab/api/settings/{NOTIFICATION_SETTINGS}",
+        headers={"Authorization": f"token {token}"},
+    )
+    deadline = time.monotonic() + LAB_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the lab exited with {process.returncode} before it served its settings")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return json.load(response)
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)  # polling a web server that announces no readiness
+    pytest.fail(f"JupyterLab did not serve its settings within {LAB_START_TIMEOUT}s")
+
+
+def test_lab_opens_jupyterlab_with_news_off_unless_the_learner_turned_it_on_and_stops_on_ctrl_c(tmp_path):
+    port, token = free_port(), "lab-test-token"
+    user_settings = tmp_path / "user-settings"
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", LAB_URL_VARIABLE)}
+    env |= {
+        "JUPYTERLAB_SETTINGS_DIR": str(user_settings),  # the learner's settings: none yet
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),  # nor any configuration of their own
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
+    command = [
+        *(sys.executable, "-m", "js_request_reply", "lab", "--no-browser"),
+        *(f"--port={port}", f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0"),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    try:
+        output = Output(process.stdout)
+        first = output.wait_for("NATS_URL=")
+        match = re.fullmatch(r"NATS_URL=(nats://127\.0\.0\.1:\d+) \(the lab's server, for its terminals; .+\)", first)
+        assert match, first
+        lab_url = match.group(1)
+
+        assert fetch_news(port, token, process) == "false", "no question about news over the first notebook"
+
+        chosen = user_settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+        chosen.parent.mkdir(parents=True)
+        chosen.write_text(json.dumps({"fetchNews": "true"}))
+        assert fetch_news(port, token, process) == "true", "the learner's own choice wins"
+
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the lab and the JupyterLab it started
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(15)
+        process.stdout.close()
+
+    with pytest.raises(jrr.ServerUnreachable):
+        asyncio.run(jrr.connect(lab_url, first_connect_timeout=1))

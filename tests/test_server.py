@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import stat
+import subprocess
+import sys
 import uuid
 
 import nats
 import pytest
+from test_cli import Output
 
 import js_request_reply as jrr
+from js_request_reply.server import LAB_URL_VARIABLE
+from js_request_reply.workshop import machine_address
 
 
 def unique(prefix: str) -> str:
@@ -127,3 +134,116 @@ def test_old_server_is_refused_naming_version_and_minimum(tmp_path):
 def test_errors_share_the_package_base_class():
     for error in (jrr.ServerNotInstalled, jrr.ServerTooOld, jrr.ServerStartFailed, jrr.ServerUnreachable):
         assert issubclass(error, jrr.JsRequestReplyError)
+
+
+def test_config_text_is_added_to_the_servers_configuration(tmp_path):
+    config = 'accounts { "A": { jetstream: enabled, users: [{user: "a", password: "pa"}] } }'
+
+    with jrr.EmbeddedServer(store_dir=tmp_path / "store", config_text=config) as server:
+        with pytest.raises(jrr.PermissionDenied):
+            asyncio.run(jrr.connect(server.url))
+        assert asyncio.run(_stream_names(f"nats://a:pa@127.0.0.1:{server.port}")) == []
+
+
+def test_users_and_config_text_together_are_refused():
+    with pytest.raises(ValueError, match="give users= or config_text=, not both"):
+        jrr.EmbeddedServer(users=["alice"], config_text="accounts {}")
+
+
+def test_a_server_on_every_interface_keeps_monitoring_on_loopback(tmp_path):
+    address = machine_address()
+    if address.startswith("127."):
+        pytest.skip("this machine has no address but loopback")
+
+    with jrr.EmbeddedServer(host="0.0.0.0", store_dir=tmp_path / "store") as server:
+        assert server.url == f"nats://127.0.0.1:{server.port}"
+        assert reachable(address, server.port), "clients connect on every interface"
+        assert not reachable(address, server.monitor_port), "monitoring shows every account: loopback only"
+        assert asyncio.run(_stream_names(server.url)) == []
+
+
+# -- each notebook in a lab has a server of its own -----------------------------------------------
+
+# What a notebook does: its server, a REQUESTS stream there, and a second process through run_command.
+KERNEL = """
+import asyncio, sys
+import ipykernel  # loaded in every Jupyter kernel: what tells server_url() it runs in one
+import js_request_reply as jrr
+
+async def create_requests():
+    nc = await jrr.connect()
+    await jrr.ensure_request_stream(nc.jetstream())
+    await nc.drain()
+
+url = jrr.server_url()
+asyncio.run(create_requests())
+print(url, flush=True)
+print(jrr.run_command("request", "requests.order-sandwich", "--timeout", "0.2").splitlines()[0], flush=True)
+sys.stdin.readline()  # alive, and its server with it, until the test closes stdin
+"""
+TERMINAL = "import js_request_reply as jrr; print(jrr.server_url())"
+
+
+async def _stream_names(url: str) -> list[str]:
+    nc = await jrr.connect(url)
+    try:
+        return sorted(info.config.name for info in await nc.jetstream().streams_info())
+    finally:
+        await nc.drain()
+
+
+def reachable(address: str, port: int) -> bool:
+    """True when something listens on `port` at `address`."""
+    try:
+        with socket.create_connection((address, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def python(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_each_kernel_in_a_lab_has_a_server_of_its_own_and_other_processes_share_the_labs(fresh_server):
+    lab = fresh_server.url
+    env = {**os.environ, "NATS_URL": lab, LAB_URL_VARIABLE: lab}
+    kernels = [
+        subprocess.Popen(
+            [sys.executable, "-c", KERNEL], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [Output(kernel.stdout) for kernel in kernels]
+        urls = [output.wait_for("nats://", timeout=60) for output in outputs]  # both alive at once
+        requested = [output.wait_for(":", timeout=60) for output in outputs]
+    finally:
+        for kernel in kernels:
+            kernel.stdin.close()
+            try:
+                kernel.wait(15)
+            except subprocess.TimeoutExpired:
+                kernel.kill()
+                kernel.wait(15)
+            kernel.stdout.close()
+
+    assert len(set(urls)) == 2, f"two kernels share a server: {urls}"
+    assert lab not in urls
+    for line in requested:
+        # Its child process found the REQUESTS stream of the kernel's server, not the lab's (which has none).
+        assert line.startswith("timeout: no reply to 'requests.order-sandwich'"), line
+    assert asyncio.run(_stream_names(lab)) == [], "the kernels left the lab's server alone"
+    assert python(TERMINAL, env) == lab, "a terminal in the lab shares the lab's server"
+
+
+def test_a_kernel_uses_a_nats_url_the_learner_set(fresh_server):
+    kernel = "import ipykernel, js_request_reply as jrr; print(jrr.server_url())"
+    own = {**os.environ, "NATS_URL": fresh_server.url}
+    own.pop(LAB_URL_VARIABLE, None)
+    other_lab = {**own, LAB_URL_VARIABLE: "nats://127.0.0.1:1"}
+
+    assert python(kernel, own) == fresh_server.url
+    assert python(kernel, other_lab) == fresh_server.url, "the lab's mark names another server"

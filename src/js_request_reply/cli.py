@@ -1,16 +1,19 @@
 """The command line, `python -m js_request_reply COMMAND`: each process of a scenario in a shell of its own.
 
-Commands: server, cluster, responder, request, collect, chaos, bench, lab, access-config.
+Commands: server, cluster, workshop, responder, request, collect, chaos, bench, lab, access-config.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import nats.errors
@@ -23,8 +26,9 @@ from .errors import JsRequestReplyError, PermissionDenied, RequestRejected, Requ
 from .menu import menu_handlers
 from .requester import Requester
 from .responder import Handled, Responder
-from .server import EmbeddedServer
+from .server import LAB_URL_VARIABLE, EmbeddedServer
 from .streams import ensure_reply_stream, ensure_request_stream
+from .workshop import generate_passwords, learner_names, learner_urls, url_host, workshop_server
 
 DEFAULT_PORT = 4222
 DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_PORT}"
@@ -105,6 +109,32 @@ async def _cluster_until_signalled(cluster: EmbeddedCluster, store: str | None) 
     say(f"JetStream cluster {cluster.name!r} of {cluster.size} nodes: {nodes}{where}")
     say(f"NATS_URL={cluster.urls}")
     say("Ctrl-C to stop.")
+    await stop.wait()
+
+
+def cmd_workshop(args: argparse.Namespace) -> int:
+    passwords = generate_passwords(learner_names(args.learners, args.users))
+    server = workshop_server(passwords, port=args.port, host=args.host, store_dir=args.store)
+    host = args.url_host or url_host(args.host)
+    server.start()
+    try:
+        asyncio.run(_workshop_until_signalled(server, learner_urls(passwords, host, server.port)))
+    finally:
+        server.close()
+        say("stopped.")
+    return 0
+
+
+async def _workshop_until_signalled(server: EmbeddedServer, urls: dict[str, str]) -> None:
+    stop = _stop_on_signals()
+    say(
+        f"workshop nats-server with JetStream on {server.host}:{server.port} (store: {server.store_dir}): "
+        f"{len(urls)} accounts, one per learner, each seeing only its own streams and subjects"
+    )
+    width = max(map(len, urls))
+    for name, url in urls.items():
+        say(f"{name:<{width}}  {url}")
+    say("Give each learner their line; they run: export NATS_URL=<their URL>, then make lab. Ctrl-C to stop.")
     await stop.wait()
 
 
@@ -190,26 +220,82 @@ async def _collect(args: argparse.Namespace) -> int:
         await nc.drain()
 
 
+LAB_SETTING_DEFAULTS = {
+    # No "Would you like to get notified about official Jupyter news?" over the first notebook.
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false"},
+}
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
-    env = dict(os.environ)
-    server = None
-    if not env.get("NATS_URL"):
-        server = EmbeddedServer().start()
-        env["NATS_URL"] = server.url
-    # Terminals opened in JupyterLab then find this environment's python and nats-server first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    say(f"NATS_URL={env['NATS_URL']}" + (" (an embedded server for this session)" if server else ""))
-    notebooks = Path(args.notebooks)
-    command = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={notebooks}", *args.jupyter_args]
+    command = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={Path(args.notebooks)}", *args.jupyter_args]
     if os.geteuid() == 0:
         command.append("--allow-root")  # containers and CI machines often run as root; Jupyter refuses otherwise
+    server = None
+    if not os.environ.get("NATS_URL", "").strip():
+        server = EmbeddedServer().start()
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+        with tempfile.TemporaryDirectory(prefix="jrr-lab-") as config_dir:
+            env = lab_environment(os.environ, server.url if server else None, Path(config_dir))
+            if server:
+                say(f"NATS_URL={server.url} (the lab's server, for its terminals; each notebook starts its own)")
+            else:
+                say(f"NATS_URL={redacted(env['NATS_URL'])} (every notebook and terminal uses it)")
+            return _in_the_foreground(command, env)
     finally:
         if server is not None:
             server.close()
+
+
+def _in_the_foreground(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` until it exits, leaving Ctrl-C to it: JupyterLab asks, then shuts its kernels down."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends Ctrl-C to both of us
+        try:
+            return process.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except KeyboardInterrupt:  # pressed before it could be left to JupyterLab, which got it too
+        return 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
+
+
+def lab_environment(base: Mapping[str, str], server_url: str | None, config_dir: Path) -> dict[str, str]:
+    """The environment `jupyter lab` runs in, given the URL of the server the lab started (None: NATS_URL is set).
+
+    NATS_URL names the lab's server, for its terminals, and JRR_LAB_NATS_URL marks it as the lab's,
+    so each notebook's kernel starts a server of its own (see server_url()). JUPYTER_CONFIG_PATH
+    adds `config_dir`, where lab_setting_defaults() writes JupyterLab defaults: a learner's own
+    settings still win.
+    """
+    env = dict(base)
+    if server_url is not None:
+        env["NATS_URL"] = env[LAB_URL_VARIABLE] = server_url
+    # Terminals opened in JupyterLab then find this environment's python and nats-server first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    lab_setting_defaults(config_dir)
+    config_path = [str(config_dir), *filter(None, env.get("JUPYTER_CONFIG_PATH", "").split(os.pathsep))]
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(config_path)
+    return env
+
+
+def lab_setting_defaults(config_dir: Path) -> Path:
+    """Write LAB_SETTING_DEFAULTS where JupyterLab reads default overrides, in `config_dir`; return the file.
+
+    They replace the defaults of settings, like the venv's overrides.json, but live only as long as
+    this lab, and a value the learner chose in Settings wins over them.
+    """
+    path = config_dir / "labconfig" / "default_setting_overrides.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(LAB_SETTING_DEFAULTS, indent=2) + "\n")
+    return path
 
 
 def cmd_access_config(args: argparse.Namespace) -> int:
@@ -276,6 +362,38 @@ def parser() -> argparse.ArgumentParser:
         "--store", default=None, metavar="DIR", help="one store per node, in DIR/n1, DIR/n2... (default: temporary)"
     )
     cluster.set_defaults(run=cmd_cluster)
+
+    workshop = commands.add_parser(
+        "workshop",
+        help="run one nats-server for a class, one JetStream account per learner; print each learner's NATS_URL",
+        description="Start one nats-server with JetStream and one account per learner, print a line "
+        "'NAME  nats://NAME:PASSWORD@HOST:PORT' for each, and serve until Ctrl-C. Each account sees only "
+        "its own subjects and streams, so every learner runs every notebook unchanged with NATS_URL set "
+        "to their line. Passwords are generated at each start.",
+    )
+    workshop.add_argument(
+        "--learners", type=int, default=None, metavar="N", help="accounts learner01 ... learnerN (or use --users)"
+    )
+    workshop.add_argument(
+        "--users", nargs="+", default=None, metavar="NAME", help="name the learners' accounts instead, one each"
+    )
+    workshop.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (default 4222; 0: any free)")
+    workshop.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address to listen on (default 0.0.0.0: every interface, so learners' machines can connect; "
+        "monitoring stays on 127.0.0.1)",
+    )
+    workshop.add_argument(
+        "--url-host",
+        default=None,
+        metavar="HOST",
+        help="host in the printed URLs (default: --host, or when that is 0.0.0.0 this machine's IP address "
+        "on its default route, which learners on the same network reach; give a DNS name or public address "
+        "when they connect from elsewhere)",
+    )
+    workshop.add_argument("--store", default=None, metavar="DIR", help="JetStream store (default: a temporary one)")
+    workshop.set_defaults(run=cmd_workshop)
 
     def with_url(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument("--url", default=None, help=f"server URL (default: NATS_URL, else {DEFAULT_URL})")
@@ -345,7 +463,9 @@ def parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
 
     lab = commands.add_parser(
-        "lab", help="open JupyterLab on the notebooks with NATS_URL set (other options go to jupyter lab)"
+        "lab",
+        help="open JupyterLab on the notebooks: without NATS_URL, each notebook gets a server of its own and "
+        "terminals share one (other options go to jupyter lab)",
     )
     lab.add_argument("--notebooks", default="notebooks")
     lab.set_defaults(run=cmd_lab)

@@ -70,6 +70,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 READY_HEALTH_CHECK = "/healthz?js-enabled-only=true"  # JetStream is up; on a lone server, that is ready
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # listen on every interface
+LOOPBACK = "127.0.0.1"
 
 
 class EmbeddedServer:
@@ -83,6 +85,11 @@ class EmbeddedServer:
     the permissions of `access_config()`: alice and bob each read only their own mailbox, the
     `responder` user serves requests, the `admin` user manages streams. Passwords are generated
     unless given; `url_for(user)` is the URL to connect as that user, and `url` has no credentials.
+
+    `config_text` is more nats-server configuration, such as the accounts of `workshop_config()`;
+    the command line's port, JetStream and store flags still apply. A server whose `host` is every
+    interface (0.0.0.0) keeps its monitoring port on loopback: its /connz and /accountz would show
+    every account's connections and subjects to anyone who can reach it.
     """
 
     def __init__(
@@ -98,9 +105,16 @@ class EmbeddedServer:
         health_check: str = READY_HEALTH_CHECK,
         users: list[str] | tuple[str, ...] | None = None,
         passwords: dict[str, str] | None = None,
+        config_text: str | None = None,
     ):
         if users is None and passwords:
             raise ValueError("passwords need users: EmbeddedServer(users=['alice', 'bob'], passwords={...})")
+        if users is not None and config_text is not None:
+            raise ValueError(
+                "give users= or config_text=, not both: both define who may connect; "
+                "put an authorization block from access_config() in config_text instead"
+            )
+        self.config_text = config_text
         self.users = None if users is None else access.check_users(users)
         self.passwords = {} if self.users is None else access.passwords_for(self.users, passwords)
         self.name = name
@@ -119,10 +133,15 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        """The client URL, `nats://host:port`."""
+        """The client URL, `nats://host:port` (on loopback when the server listens on every interface)."""
         if not self.port:
             raise ServerStartFailed("the server has no port yet; call start() first")
-        return f"nats://{self.host}:{self.port}"
+        return f"nats://{self.local_host}:{self.port}"
+
+    @property
+    def local_host(self) -> str:
+        """The address this machine reaches the server at: `host`, or loopback when that is every interface."""
+        return LOOPBACK if self.host in WILDCARD_HOSTS else self.host
 
     def url_for(self, user: str) -> str:
         """The client URL with `user`'s credentials, `nats://user:password@host:port` (needs users=)."""
@@ -131,7 +150,7 @@ class EmbeddedServer:
         if user not in self.passwords:
             known = ", ".join(self.passwords)
             raise ValueError(f"no user {user!r} on this server; its users are {known}")
-        return f"nats://{user}:{self.passwords[user]}@{self.host}:{self.port}"
+        return f"nats://{user}:{self.passwords[user]}@{self.local_host}:{self.port}"
 
     @property
     def store_dir(self) -> Path:
@@ -170,7 +189,7 @@ class EmbeddedServer:
         binary = self._binary or find_binary()
         check_version(binary)
         self.port = self.port or free_port(self.host)
-        self.monitor_port = self.monitor_port or free_port(self.host)
+        self.monitor_port = self.monitor_port or free_port(self.local_host)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process's lifetime
         command = [
             binary,
@@ -178,7 +197,7 @@ class EmbeddedServer:
             "--http_port", str(self.monitor_port),
             "--jetstream", "--store_dir", str(self.store_dir),
             "--server_name", self.name or f"jrr-{self.port}",
-            *self._access_args(),
+            *self._config_args(),
             *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
@@ -190,13 +209,23 @@ class EmbeddedServer:
             preexec_fn=_die_with_parent if on_linux_main_thread() else None,
         )
 
-    def _access_args(self) -> list[str]:
-        """`--config` with the users' authorization block, when the server has users."""
-        if self.users is None:
+    def _config_args(self) -> list[str]:
+        """`--config` with the users' authorization block, `config_text`, and a loopback monitoring port.
+
+        Empty when the command line says it all: a server with none of these has no file.
+        """
+        parts = []
+        if self.users is not None:
+            parts.append(access.access_config(self.users, self.passwords))
+        if self.config_text is not None:
+            parts.append(self.config_text)
+        if self.host in WILDCARD_HOSTS:
+            parts.append(f'http: "{LOOPBACK}:{self.monitor_port}"\n')  # --http_port alone would follow --addr
+        if not parts:
             return []
-        path = self._workdir() / "access.conf"
-        path.write_text(access.access_config(self.users, self.passwords))
-        path.chmod(0o600)  # it holds passwords
+        path = self._workdir() / "server.conf"
+        path.write_text("\n".join(parts))
+        path.chmod(0o600)  # it may hold passwords
         return ["--config", str(path)]
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -254,7 +283,7 @@ class EmbeddedServer:
         On failure the server is stopped and ServerStartFailed carries the end of its log.
         """
         timeout = self.ready_timeout if timeout is None else timeout
-        health = f"http://{self.host}:{self.monitor_port}{self.health_check}"
+        health = f"http://{self.local_host}:{self.monitor_port}{self.health_check}"
         which = f"nats-server {self.name}" if self.name else "nats-server"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -303,13 +332,21 @@ _shared: EmbeddedServer | None = None
 _shared_lock = threading.Lock()
 
 
+LAB_URL_VARIABLE = "JRR_LAB_NATS_URL"  # set by `python -m js_request_reply lab` to the server it started
+
+
 def server_url() -> str:
     """`NATS_URL` when set; otherwise the URL of one embedded server for this process, started on first use.
 
     The embedded server has a temporary store, is reused by later calls, and stops at interpreter exit.
+
+    A Jupyter kernel ignores the `NATS_URL` of a server that `python -m js_request_reply lab` started
+    for itself (the lab marks it in JRR_LAB_NATS_URL) and starts a server of its own, so two notebooks
+    open in one lab never delete each other's streams. Terminals in the lab still share the lab's
+    server, and a `NATS_URL` the learner set (a workshop account, say) is always used.
     """
     url = os.environ.get("NATS_URL", "").strip()
-    if url:
+    if url and not (url == os.environ.get(LAB_URL_VARIABLE, "").strip() and in_jupyter_kernel()):
         return url
     global _shared
     with _shared_lock:
@@ -318,3 +355,8 @@ def server_url() -> str:
             atexit.register(server.close)
             _shared = server
         return _shared.url
+
+
+def in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel: a notebook's process, not a terminal's."""
+    return "ipykernel" in sys.modules
