@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: lab test lint format server notebooks clean
+.PHONY: lab test lint format server notebooks handout solutions site clean
 
 lab: $(STAMP)
 	$(BIN)/python -m js_request_reply lab
@@ -26,6 +26,18 @@ notebooks: $(STAMP)
 	cd notebooks && env -u NATS_URL ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False [0-9][0-9]-*.ipynb
 
+# Student copies: no outputs, each solution replaced by a stub that says what to write.
+handout: $(STAMP)
+	$(BIN)/python tools/handout.py --out build/handout notebooks/[0-9][0-9]-*.ipynb
+
+# The same without outputs, solutions kept: the facilitator's copy.
+solutions: $(STAMP)
+	$(BIN)/python tools/handout.py --keep-solutions --out build/solutions notebooks/[0-9][0-9]-*.ipynb
+
+# The series as a static website, from the committed notebooks (not re-executed).
+site: $(STAMP)
+	$(BIN)/python tools/site.py --out build/site
+
 server: $(STAMP)
 	$(BIN)/python -m js_request_reply server
 
@@ -36,4 +48,4 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 clean:
-	rm -rf $(VENV) src/*.egg-info
+	rm -rf $(VENV) src/*.egg-info build
