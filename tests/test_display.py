@@ -10,6 +10,7 @@ import nats.errors
 import pytest
 
 import js_request_reply as jrr
+from js_request_reply import display
 from js_request_reply.display import TappedMessage, classify, drawable, replica_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,6 +150,38 @@ async def test_a_mailbox_reply_is_stored_then_collected(nc, js):
     assert tap.diagram().participants == [R, stream, S, replies]
 
 
+async def test_the_ledger_table_shows_what_a_mailbox_sent_and_what_it_handed_over(nc, js):
+    stream, prefix = names()
+    replies, reply_prefix = f"R{stream}", f"r{prefix}"
+    await jrr.ensure_request_stream(js, name=stream, subjects=[f"{prefix}.*"])
+    await jrr.ensure_reply_stream(js, name=replies, subjects=[f"{reply_prefix}.>"])
+    alice = jrr.Requester(nc, mailbox="alice", reply_stream=replies, reply_prefix=reply_prefix)
+    bob = jrr.Requester(nc, mailbox="bob", reply_stream=replies, reply_prefix=reply_prefix)
+    try:
+        assert display.HIDDEN == "…"
+        assert (await display.ledger_table(js, replies)).empty
+        first = await alice.send(f"{prefix}.bagel")
+        second = await bob.send(f"{prefix}.flatbread", ttl=30)
+        sent = await display.ledger_table(js, replies)
+        async with jrr.Responder(nc, {f"{prefix}.bagel": lambda msg: "🥯"}, stream=stream):
+            await jrr.wait_for_messages(js, replies, 1)
+        [reply] = await alice.collect()
+        collected = await display.ledger_table(js, replies, mailbox="alice")
+    finally:
+        for requester in (alice, bob):
+            await requester.close()
+        await jrr.delete_streams(js, stream, replies)
+
+    assert list(sent.columns) == ["key", "value"]
+    assert sent["key"].tolist() == [f"alice.{first}", f"bob.{second}"]
+    assert sent["value"][0] == f'{{"subject": "{prefix}.bagel", "ttl": null, "expires": null, "token": "…"}}'
+    assert f'"subject": "{prefix}.flatbread", "ttl": 30, "expires": ' in sent["value"][1]
+    assert reply.text == "🥯"
+    assert collected.to_dict("list") == {"key": [f"alice.done.{first}"], "value": ['{"seq": 1}']}
+    with pytest.raises(jrr.NoReplyStream, match=f"the mailbox ledger '{replies}-ledger' does not exist"):
+        await display.ledger_table(js, replies)
+
+
 async def test_a_core_request_to_a_stream_gets_a_pub_ack_not_a_reply(nc, js):
     stream, prefix = names()
     await jrr.ensure_request_stream(js, name=stream, subjects=[f"{prefix}.*"])
@@ -211,12 +244,65 @@ def test_a_diagram_with_emoji_renders_a_png_without_font_warnings(capfd):
     assert png.startswith(PNG_SIGNATURE)
     assert png == jrr.SequenceDiagram(diagram.arrows, title="Order a 🥪").png()  # deterministic
     assert repr(diagram) == "SequenceDiagram(4 steps: Requester, REQUESTS, Responder)"
-    assert drawable("reply 🥪 ❤️") == "reply :sandwich: :heavy_black_heart:"
+    for emoji, name in (("🥪", "sandwich"), ("🥯", "bagel"), ("🥙", "stuffed flatbread")):
+        assert drawable(f"reply {emoji}") in (f"reply {emoji}", f"reply {name}")  # as this machine's fonts allow
 
     mermaid = diagram.mermaid()
     assert "sequenceDiagram" in mermaid
     assert "    Responder-->>Requester: reply 🥪 🥯 🥙 ❤️" in mermaid
     assert "    Requester->>REQUESTS: publish requests.order-sandwich" in mermaid
+
+
+@pytest.fixture
+def fallback_fonts(monkeypatch):
+    """Choose the fonts that drawable() may use besides the diagram font, whatever this machine has installed."""
+
+    def use(fonts):
+        display._font_for.cache_clear()
+        monkeypatch.setattr(display, "_fallback_fonts", lambda: tuple(fonts))
+
+    yield use
+    display._font_for.cache_clear()
+
+
+def matplotlib_fonts():
+    """The fallback fonts that ship with matplotlib, so are on every machine that draws a diagram."""
+    return [(family, path) for family, path in display._fallback_fonts() if "mpl-data" in path]
+
+
+def test_an_emoji_no_font_has_is_spelled_as_a_word(fallback_fonts):
+    fallback_fonts([])
+
+    assert drawable("reply 🥪 ❤️") == "reply sandwich ❤"  # the diagram font has a heart, and no sandwich
+    assert drawable("🥪🥯") == "sandwich bagel"
+    assert drawable("x🥯y (🥙)") == "x bagel y (stuffed flatbread)"
+    assert drawable("👍🏽 ok") == "thumbs up sign ok"  # the skin tone is part of the emoji
+    assert drawable("👩‍🍳") == "woman cooking"
+    assert drawable("⌚") == "watch"
+    assert ":" not in drawable("🥪 🥯 🥙 ⌚")
+
+
+def test_an_emoji_another_font_has_is_drawn_with_that_font(fallback_fonts, capfd):
+    fallback_fonts(matplotlib_fonts())  # STIXGeneral has a watch; none of them has a bagel
+
+    assert drawable("reply ⌚ 🥯") == "reply ⌚ bagel"
+    assert display._fonts_for(["reply ⌚ bagel"]).get_family() == [display.FONT_FAMILY, "STIXGeneral"]
+    assert display._fonts_for(["reply bagel"]).get_family() == [display.FONT_FAMILY]
+    diagram = jrr.SequenceDiagram([jrr.Arrow(R, S, "reply ⌚ 🥯")], title="Order a ⌚")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        png = diagram.png()
+    assert caught == []
+    assert capfd.readouterr().err == ""
+    assert png.startswith(PNG_SIGNATURE)
+    assert "reply ⌚ 🥯" in diagram.mermaid()
+
+
+def test_a_font_that_only_marks_missing_characters_is_never_used():
+    families = [family for family, _ in display._fallback_fonts()]
+    assert families, "matplotlib ships fonts of its own, so there is always a fallback"
+    assert not [family for family in families if family.startswith("Last Resort")]
+    assert display.FONT_FAMILY not in families
 
 
 def test_a_diagram_names_participants_it_does_not_know():

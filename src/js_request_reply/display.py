@@ -1,8 +1,9 @@
 """Notebook display: record what a scenario really exchanged, and draw it as a sequence diagram.
 
 `Wiretap` listens to every subject on its own connection, `SequenceDiagram` draws the arrows as a
-PNG that renders on GitHub and nbviewer too, `stream_table` lists what a stream holds, and
-`replica_table` shows where a cluster keeps each stream's copies.
+PNG that renders on GitHub and nbviewer too, `stream_table` lists what a stream holds,
+`ledger_table` what the mailbox ledger notes, and `replica_table` shows where a cluster keeps each
+stream's copies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
@@ -26,18 +28,18 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
-from matplotlib.ft2font import FT2Font
+from matplotlib.ft2font import FT2Font, LoadFlags
 from matplotlib.patches import Circle, FancyBboxPatch
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoKeysError, NotFoundError
 from nats.nuid import NUID
 
 from . import protocol as p
 from .access import all_permissions
 from .connection import connect
-from .errors import NoLeader, StreamNotFound
+from .errors import NoLeader, NoReplyStream, StreamNotFound
 from .failover import UNAVAILABLE
 from .requester import Reply
 from .streams import jetstream
@@ -59,6 +61,7 @@ __all__ = [
     "Wiretap",
     "classify",
     "drawable",
+    "ledger_table",
     "permissions_table",
     "replica_table",
     "replies_table",
@@ -479,7 +482,7 @@ def _participants(arrows: Iterable[Arrow], reply_streams: Iterable[str] = (p.DEF
 
 # -- drawing -----------------------------------------------------------------------------------------
 
-FONT_FAMILY = "DejaVu Sans"  # ships with matplotlib, so every machine draws the same picture
+FONT_FAMILY = "DejaVu Sans"  # ships with matplotlib; only characters it lacks depend on the fonts installed
 WIDTH = 9.0  # inches, the width of a notebook cell
 DPI = 100
 ROW = 0.5  # inches per step
@@ -496,29 +499,115 @@ BOX_COLORS = {  # kind: (fill, edge)
 }
 
 
+# Fonts that are never used to draw a character: their glyphs only say that one is missing.
+PLACEHOLDER_FONTS = ("Last Resort",)
+# Outline emoji fonts, tried before any other font for a character the diagram font lacks. Colour
+# emoji fonts made of bitmaps (Noto Color Emoji, Apple Color Emoji) cannot be drawn by matplotlib.
+EMOJI_FAMILIES = ("Noto Emoji", "Symbola", "Segoe UI Emoji", "Segoe UI Symbol", "Twemoji Mozilla", "OpenMoji")
+JOINERS = frozenset({0x200D, *range(0xFE00, 0xFE10)})  # zero-width joiner, variation selectors: no glyph
+SKIN_TONES = range(0x1F3FB, 0x1F400)  # emoji modifiers, shown only as part of the emoji before them
+
+
+def _open_font(path: str) -> FT2Font:
+    """The font at `path`: a file, or a FontPath naming one face of a collection."""
+    return FT2Font(path, face_index=getattr(path, "face_index", 0))
+
+
 @functools.cache
-def _font_charmap() -> frozenset[int]:
-    path = font_manager.findfont(FontProperties(family=FONT_FAMILY))
-    return frozenset(FT2Font(path).get_charmap())
+def _charmap(path: str) -> frozenset[int]:
+    """The code points the font at `path` maps to glyphs (none if it cannot be read)."""
+    try:
+        return frozenset(_open_font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+def _has_outline(path: str, code: int) -> bool:
+    """True if the font at `path` draws `code` with an outline matplotlib can render (not a bitmap)."""
+    try:
+        font = _open_font(path)
+        if not font.scalable:
+            return False
+        font.set_size(12, DPI)
+        font.load_char(code, flags=LoadFlags.NO_BITMAP)
+        vertices, _ = font.get_path()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return len(vertices) > 0
+
+
+@functools.cache
+def _main_font() -> str:
+    return font_manager.findfont(FontProperties(family=FONT_FAMILY))
+
+
+@functools.cache
+def _fallback_fonts() -> tuple[tuple[str, str], ...]:
+    """(family, file) of every other font matplotlib knows on this machine: outline emoji fonts first, then by name."""
+    emoji_first = sorted(
+        font_manager.fontManager.ttflist,
+        key=lambda entry: (
+            EMOJI_FAMILIES.index(entry.name) if entry.name in EMOJI_FAMILIES else len(EMOJI_FAMILIES),
+            entry.name,
+        ),
+    )
+    fonts: dict[str, str] = {}
+    for entry in emoji_first:
+        if entry.name in fonts or entry.name == FONT_FAMILY or entry.name.startswith(PLACEHOLDER_FONTS):
+            continue
+        if entry.style != "normal" or entry.weight not in (400, "normal", "regular"):
+            continue  # not the upright regular face matplotlib looks for first (it warns when it uses another)
+        with _quiet_fonts(), contextlib.suppress(ValueError):
+            # The file matplotlib picks for the family, as it will when it draws the text.
+            fonts[entry.name] = font_manager.findfont(FontProperties(family=entry.name), fallback_to_default=False)
+    return tuple(fonts.items())
+
+
+@functools.cache
+def _font_for(char: str) -> str | None:
+    """The family that draws `char`: the diagram font if it can, else the first other font that can, else None."""
+    code = ord(char)
+    if code in _charmap(_main_font()):
+        return FONT_FAMILY
+    for family, path in _fallback_fonts():
+        if code in _charmap(path) and _has_outline(path, code):
+            return family
+    return None
 
 
 def drawable(text: str) -> str:
-    """`text` with characters the diagram font cannot draw spelled as names: 🥪 becomes `:sandwich:`."""
-    charmap = _font_charmap()
+    """`text` as the diagram can draw it: characters no font on this machine has are spelled as words.
+
+    An emoji is kept where a font has its glyph (🥪 stays 🥪), and otherwise written as its name,
+    in lower case and set off from letters beside it: 🥪 becomes "sandwich". Variation selectors
+    and joiners, which have no glyph of their own, are left out, as is a lone mark no font has.
+    """
     out: list[str] = []
-    replaced = False
+    spelled = False  # the last thing written is a name
     for char in text:
-        category = unicodedata.category(char)
-        if replaced and category in ("Mn", "Me", "Cf"):
-            continue  # a variation selector or joiner of a replaced emoji: nothing to show on its own
-        replaced = ord(char) > 0xFFFF or category == "So" or ord(char) not in charmap
-        if not replaced:
+        code, category = ord(char), unicodedata.category(char)
+        if code in JOINERS or (spelled and category in ("Mn", "Me")):
+            continue  # part of the character before it, spelled with that
+        if _font_for(char) is not None:
+            if spelled and char.isalnum():
+                out.append(" ")
             out.append(char)
-        elif category[0] in "MC":
-            replaced = False  # a lone mark or control character the font lacks: left out
+            spelled = False
+        elif category[0] in "MC" or code in SKIN_TONES:
+            continue  # a mark, control character or skin tone no font has: left out
         else:
-            out.append(":" + unicodedata.name(char, f"U+{ord(char):04X}").lower().replace(" ", "_") + ":")
+            if out and out[-1][-1:].isalnum():
+                out.append(" ")
+            out.append(unicodedata.name(char, f"U+{code:04X}").lower())
+            spelled = True
     return "".join(out)
+
+
+def _fonts_for(texts: Iterable[str]) -> FontProperties:
+    """The diagram font, followed by the other fonts that the drawable `texts` need, in a fixed order."""
+    needed = {_font_for(char) for text in texts for char in text} - {None, FONT_FAMILY}
+    order = [family for family, _ in _fallback_fonts()]
+    return FontProperties(family=[FONT_FAMILY, *sorted(needed, key=order.index)])
 
 
 def _shorten(text: str, limit: int = LABEL_CHARS) -> str:
@@ -625,7 +714,7 @@ class SequenceDiagram:
         ax.set_xlim(0, WIDTH)
         ax.set_ylim(height, 0)  # y in inches from the top
         ax.set_axis_off()
-        font = FontProperties(family=FONT_FAMILY)
+        font = _fonts_for([drawable(self.title or ""), *map(drawable, names), *(drawable(a.label) for a in shown)])
         if self.title:
             ax.text(WIDTH / 2, 0.2, drawable(self.title), ha="center", va="top", fontproperties=font, size=13)
         if not names:
@@ -695,11 +784,17 @@ class SequenceDiagram:
 
 @contextlib.contextmanager
 def _quiet_fonts():
-    """Silence matplotlib's missing-glyph and font warnings: they would land in a notebook's stderr."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph.*")
-        warnings.filterwarnings("ignore", message=r"(?s).*font.*")
-        yield
+    """Silence matplotlib's missing-glyph and font warnings and logs: they would land in a notebook's stderr."""
+    log = logging.getLogger("matplotlib.font_manager")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph.*")
+            warnings.filterwarnings("ignore", message=r"(?s).*font.*")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _mermaid_id(name: str, index: int) -> str:
@@ -750,6 +845,45 @@ async def stream_state(js: JetStreamContext | Client, stream: str) -> pd.DataFra
         "consumers": state.consumer_count,
     }
     return pd.DataFrame([row])
+
+
+HIDDEN = "…"  # what ledger_table shows in place of a mailbox token
+
+
+async def ledger_table(
+    js: JetStreamContext | Client, reply_stream: str = p.DEFAULT_REPLY_STREAM, *, mailbox: str | None = None
+) -> pd.DataFrame:
+    """The mailbox ledger beside `reply_stream` as it is now: one row a key, sorted, with its value as JSON.
+
+    Keys are `<mailbox>.<request id>` for a request sent and not settled, and
+    `<mailbox>.done.<request id>` once its outcome was handed over; a key deleted when its request
+    was settled is left out. Each `token` is shown as "…": it is random, and it is what proves a
+    reply answers the request. `mailbox` keeps only that mailbox's keys. Listing the keys reads
+    every mailbox's, so this needs a connection that may (not a mailbox user's of access_config()).
+    """
+    bucket = p.ledger_bucket(reply_stream)
+    try:
+        kv = await jetstream(js).key_value(bucket)
+    except NotFoundError:
+        raise NoReplyStream(
+            f"the mailbox ledger {bucket!r} does not exist; create it with ensure_reply_stream(js, {reply_stream!r})"
+        ) from None
+    try:
+        keys = sorted(await kv.keys())
+    except NoKeysError:
+        keys = []
+    rows = []
+    for key in keys:
+        if mailbox is not None and not key.startswith(f"{mailbox}."):
+            continue
+        try:
+            value = json.loads((await kv.get(key)).value or b"null")
+        except (NotFoundError, ValueError):
+            continue  # deleted since it was listed, or not JSON: not a ledger entry
+        if isinstance(value, dict) and value.get("token") is not None:
+            value["token"] = HIDDEN
+        rows.append((key, json.dumps(value, ensure_ascii=False)))
+    return pd.DataFrame(rows, columns=["key", "value"])
 
 
 def replies_table(replies: Iterable[Reply]) -> pd.DataFrame:
