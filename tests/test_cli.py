@@ -150,6 +150,35 @@ def test_request_prints_the_reply_of_a_responder_process_which_stops_on_ctrl_c(e
         output.wait_for("stopped.")
 
 
+def test_responder_options_set_its_consumer(fresh_server, env):
+    with running("responder", "--ack-wait", "7", "--max-deliver", "3", "--max-in-flight", "2", env=env) as (
+        responder,
+        output,
+    ):
+        output.wait_for("serving the menu on REQUESTS")
+        result = cli("request", "requests.order-bagel", "--timeout", "10", env=env)
+        config = asyncio.run(_consumer_config(fresh_server.url))
+        assert interrupt(responder) == 0
+
+    assert result.stdout.strip() == "🥯"
+    assert (config.ack_wait, config.max_deliver) == (7.0, 3)
+
+
+def test_responder_refuses_max_in_flight_under_one_in_one_line(env):
+    result = cli("responder", "--max-in-flight", "0", env=env)
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: max_in_flight must be at least 1"
+
+
+async def _consumer_config(url: str):
+    nc = await jrr.connect(url)
+    try:
+        return (await nc.jetstream().consumer_info("REQUESTS", "responder")).config
+    finally:
+        await nc.drain()
+
+
 def test_request_off_the_menu_is_a_rejection_on_stderr(env, menu_responder):
     result = cli("request", "requests.order-drink", "--timeout", "10", env=env)
 

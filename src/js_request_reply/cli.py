@@ -161,7 +161,16 @@ async def _responder(args: argparse.Namespace) -> int:
             detail = f" ({handled.detail})" if handled.detail else ""
             say(f"{handled.subject} -> {handled.outcome}{detail}")
 
-        responder = Responder(nc, menu_handlers(), stream=args.stream, durable=args.durable, on_handled=show)
+        responder = Responder(
+            nc,
+            menu_handlers(),
+            stream=args.stream,
+            durable=args.durable,
+            on_handled=show,
+            max_in_flight=args.max_in_flight,
+            ack_wait=args.ack_wait,
+            max_deliver=args.max_deliver,
+        )
         stop = _stop_on_signals()
         async with responder:
             stores = " and REPLIES" if args.mailbox_stream else ""
@@ -403,6 +412,15 @@ def parser() -> argparse.ArgumentParser:
     responder.add_argument("--stream", default=p.DEFAULT_REQUEST_STREAM)
     responder.add_argument("--durable", default="responder")
     responder.add_argument("--mailbox-stream", action="store_true", help="create REPLIES too (mailbox mode)")
+    responder.add_argument(
+        "--max-in-flight", type=int, default=64, help="requests handled at once by this process (default 64)"
+    )
+    responder.add_argument(
+        "--ack-wait", type=float, default=30.0, help="seconds before an unacked request is redelivered (default 30)"
+    )
+    responder.add_argument(
+        "--max-deliver", type=int, default=5, help="deliveries before the server gives up on a request (default 5)"
+    )
     responder.set_defaults(run=lambda args: asyncio.run(_responder(args)))
 
     request = with_url(commands.add_parser("request", help="send one request and print the reply"))
