@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 from support import unique
 
 import js_request_reply as jrr
-from js_request_reply.ledger import LISTING_IDLE_LIMIT, Ledger
+from js_request_reply.ledger import Ledger
 
 
 def entry(n: int) -> dict:
@@ -22,15 +22,7 @@ def entry(n: int) -> dict:
 
 def listing_config(ledger: Ledger) -> ConsumerConfig:
     """The consumer outstanding() lists a mailbox's entries with, as a listing that crashed leaves it."""
-    return ConsumerConfig(
-        name=f"ledger-{ledger.mailbox}",
-        filter_subject=f"{ledger.keys}.*",
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=LISTING_IDLE_LIMIT,
-        mem_storage=True,
-        num_replicas=1,
-    )
+    return ledger.listing_config()
 
 
 async def test_a_noted_request_is_sent_until_it_is_forgotten(nc, mailboxes):

@@ -77,16 +77,8 @@ class Ledger:
         it: the one way to list keys that does not show other mailboxes' keys too.
         """
         js = self.nc.jetstream()
-        name = ledger_consumer(self.mailbox)
-        config = ConsumerConfig(
-            name=name,
-            filter_subject=f"{self.keys}.*",
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=LISTING_IDLE_LIMIT,
-            mem_storage=True,
-            num_replicas=1,
-        )
+        config = self.listing_config()
+        name = config.name
         api = f"$JS.API.CONSUMER.%s.{self.stream}.{name}"
         create = f"{api % 'CREATE'}.{config.filter_subject}"
         async with self._listing:
@@ -100,6 +92,18 @@ class Ledger:
             finally:
                 # Also when the listing was cut short: one left on a server that died would block the next.
                 await asyncio.shield(self._delete_listing(api % "DELETE"))
+
+    def listing_config(self) -> ConsumerConfig:
+        """The consumer outstanding() lists this mailbox's entries through: its keys, the last of each, in memory."""
+        return ConsumerConfig(
+            name=ledger_consumer(self.mailbox),
+            filter_subject=f"{self.keys}.*",
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=LISTING_IDLE_LIMIT,
+            mem_storage=True,
+            num_replicas=1,
+        )
 
     async def _read_listing(self, name: str, pending: int, next_subject: str) -> dict[str, dict[str, Any]]:
         entries: dict[str, dict[str, Any]] = {}
