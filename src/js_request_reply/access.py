@@ -82,7 +82,7 @@ def responder_permissions(
     reply_prefix: str = p.DEFAULT_REPLY_PREFIX,
 ) -> Permissions:
     """What a Responder needs: serve `request_stream`, store replies, check who owns a mailbox."""
-    api = "$JS.API"
+    api, gave_up = "$JS.API", p.gave_up_stream(request_stream)
     publish = (
         f"{api}.CONSUMER.CREATE.{request_stream}.*",
         f"{api}.CONSUMER.CREATE.{request_stream}.*.>",  # a durable that was made with a filter keeps it
@@ -92,6 +92,9 @@ def responder_permissions(
         f"$JS.ACK.{request_stream}.>",
         f"{api}.STREAM.MSG.GET.{request_stream}",  # a request the server gave up on, to answer it
         f"{api}.STREAM.MSG.DELETE.{request_stream}",  # ... and then remove it
+        f"{api}.CONSUMER.CREATE.{gave_up}.*.{p.max_deliveries_subject(request_stream)}",  # kept advisories of it
+        f"{api}.CONSUMER.MSG.NEXT.{gave_up}.*",
+        f"$JS.ACK.{gave_up}.>",
         f"{api}.STREAM.NAMES",
         f"{api}.STREAM.MSG.GET.KV_{p.ledger_bucket(reply_stream)}",  # did this mailbox send this request?
         f"{reply_prefix}.>",  # stored replies

@@ -49,6 +49,7 @@ JS_ERR_STREAM_NOT_FOUND = 10059
 JS_ERR_CONSUMER_OVERLAP = 10100
 JS_ERR_CONSUMER_WQ_UNFILTERED = 10099  # a second unfiltered consumer on a work-queue stream
 JS_ERR_REPLICAS_NOT_CLUSTERED = 10074  # replicas > 1 on a server that is not part of a cluster
+JS_ERR_MSG_TTL_DISABLED = 10166  # a message with a TTL, to a stream that does not allow them
 
 # An error description is cut to this many bytes (UTF-8) before it goes into a header: the server
 # closes the connection of a client whose headers and payload together exceed max_payload.
@@ -124,6 +125,20 @@ def ledger_bucket(reply_stream: str) -> str:
     It lets a later collect() tell "still waiting" from "expired unanswered".
     """
     return f"{reply_stream}-ledger"
+
+
+def gave_up_stream(request_stream: str) -> str:
+    """The stream beside a request stream that keeps the server's max-deliveries advisories for it.
+
+    An advisory is an event, gone if nobody listens when the server gives up on a request: kept in
+    a stream, it waits for the next responder to answer the request it names.
+    """
+    return f"{request_stream}-gave-up"
+
+
+def max_deliveries_subject(request_stream: str, durable: str = "*") -> str:
+    """The subject of the advisory the server emits when `durable` gives up redelivering a request."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{request_stream}.{durable}"
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

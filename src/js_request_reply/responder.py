@@ -22,6 +22,7 @@ from . import protocol as p
 from .denials import denials_for, denied_at_once, processed
 from .errors import NoLeader, PayloadTooLarge, PermissionDenied, Reject, StreamConflict, StreamNotFound
 from .failover import Backoff, is_leaderless, while_electing
+from .gave_up import AnswerLater, GaveUpWatch
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
 from .settling import ACK, NAK_LATER, Settler, term_verdict
 
@@ -113,6 +114,7 @@ class Responder:
         self._round_end: asyncio.Future | None = None
         self._round_left = 0
         self._deliver_sub: Any = None
+        self._gave_up = GaveUpWatch(nc, stream, durable, self._answer_gave_up)
         self._advisory_sub: Any = None
         self._pull_task: asyncio.Task | None = None
         self._stopping = False
@@ -133,12 +135,8 @@ class Responder:
         self._stopping = False
         self._deliver = self.nc.new_inbox()
         self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_delivery)
-        # One responder of the group answers each max-deliveries advisory.
-        self._advisory_sub = await self.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable}",
-            queue=f"jrr-{self.stream}-{self.durable}",
-            cb=self._on_max_deliveries,
-        )
+        # One responder of the group answers each request the server gave up on (see gave_up.py).
+        self._advisory_sub = await self._gave_up.start()
         # Every responder of the group confirms its recent acks to a new consumer leader; one resets it.
         elected = f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{self.stream}.{self.durable}"
         self._leader_subs = [
@@ -165,6 +163,7 @@ class Responder:
             await processed(self.nc, denied)
             if denied.done():
                 error = denied.exception()
+                await self._gave_up.stop()
                 for sub in subs:
                     with contextlib.suppress(nats.errors.Error):
                         await sub.unsubscribe()
@@ -196,7 +195,8 @@ class Responder:
         if self._keep_alive_task is not None:
             self._keep_alive_task.cancel()
             await asyncio.gather(self._keep_alive_task, return_exceptions=True)
-        for sub in (self._deliver_sub, self._advisory_sub, *self._leader_subs):
+        await self._gave_up.stop()
+        for sub in (self._deliver_sub, *self._leader_subs):
             if sub is not None and not closed:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
@@ -528,25 +528,29 @@ class Responder:
                 continue  # no PubAck: publish it again at once
             await backoff.wait()
 
-    async def _on_max_deliveries(self, advisory: Msg) -> None:
-        """The server gave up redelivering a request: tell its requester, then remove the request."""
-        try:
-            event = json.loads(advisory.data)
-            seq, deliveries = int(event["stream_seq"]), int(event["deliveries"])
-        except (ValueError, KeyError, TypeError):
-            return
+    async def _answer_gave_up(self, seq: int, deliveries: int) -> None:
+        """The server gave up redelivering the request at `seq`: tell its requester, then remove the request.
+
+        Raises AnswerLater when the request stream or the ledger cannot be read, or the reply cannot
+        be stored, so that the advisory is answered later rather than the request removed unanswered.
+        """
         js = self.nc.jetstream()
         try:
             stored = await js.get_msg(self.stream, seq)
-        except (NotFoundError, APIError, TimeoutError):
-            return  # already gone: acked, terminated or expired meanwhile
+        except NotFoundError:
+            return  # already gone: acked, terminated, expired or answered meanwhile
         headers = stored.headers or {}
         reply_to = headers.get(p.REPLY_HEADER, "")
         request_id = p.request_id_of(reply_to)
         why = f"gave up after {deliveries} deliveries"
-        if p.is_valid_publish_subject(reply_to) and await self._not_from_mailbox_owner(stored, reply_to) == "":
+        refusal = await self._not_from_mailbox_owner(stored, reply_to) if p.is_valid_publish_subject(reply_to) else "-"
+        if refusal is None:
+            raise AnswerLater(f"could not check who sent request #{seq}")
+        if not refusal:
             error = {p.SERVICE_ERROR_HEADER: why, p.SERVICE_ERROR_CODE_HEADER: str(p.GAVE_UP)}
-            await self._publish_reply(stored.subject, headers, reply_to, request_id, b"", error)
+            problem = await self._publish_reply(stored.subject, headers, reply_to, request_id, b"", error)
+            if problem is not None:
+                raise AnswerLater(problem)
         with contextlib.suppress(NotFoundError, APIError, TimeoutError):
             await js.delete_msg(self.stream, seq)
         self._remember(Handled(self.name, stored.subject or "", request_id, "gave up", why, deliveries))

@@ -19,15 +19,18 @@ from .protocol import (
     DEFAULT_REQUEST_STREAM,
     DEFAULT_REQUEST_SUBJECTS,
     JS_ERR_REPLICAS_NOT_CLUSTERED,
+    gave_up_stream,
     ledger_bucket,
+    max_deliveries_subject,
 )
 
 # Fields the server refuses to change on an existing stream (deny_delete cannot be turned off).
 IMMUTABLE = ("retention", "storage", "deny_delete")
 # Flags the server may leave out of a stream's config when false.
 FLAGS = ("allow_msg_ttl", "deny_delete")
-DEFAULT_REPLY_MAX_AGE = 24 * 3600.0
-MAX_REPLICAS = 5  # the most JetStream allows  # a day: long enough for a requester to come back after lunch
+DEFAULT_REPLY_MAX_AGE = 24 * 3600.0  # a day: long enough for a requester to come back after lunch
+GAVE_UP_MAX_AGE = 7 * 24 * 3600.0  # a week: advisories kept for a responder to come back to
+MAX_REPLICAS = 5  # the most JetStream allows
 
 
 def jetstream(js_or_nc: JetStreamContext | Client) -> JetStreamContext:
@@ -51,12 +54,25 @@ async def ensure_request_stream(
     that ran out of deliveries; a stream with deny_delete would keep them for responders to work on.)
     `replicas=3` keeps a copy on three servers of a cluster, so losing one loses nothing; on a
     single server it raises NotClustered.
+
+    The stream `<name>-gave-up` is created beside it, with the same replicas: it keeps the
+    server's max-deliveries advisories for `name` until a responder answers the requests they name,
+    so a request given up on while no responder was running is answered when one starts.
     """
     _set_replicas(config, replicas)
     config.setdefault("storage", StorageType.FILE)
     config.setdefault("deny_delete", False)
     wanted = dict(subjects=list(subjects), retention=RetentionPolicy.WORK_QUEUE, allow_msg_ttl=True, **config)
-    return await _ensure_stream(jetstream(js), name, wanted, purpose="requests")
+    info = await _ensure_stream(jetstream(js), name, wanted, purpose="requests")
+    gave_up = dict(
+        subjects=[max_deliveries_subject(name)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_age=GAVE_UP_MAX_AGE,
+        storage=config["storage"],
+        num_replicas=config["num_replicas"],
+    )
+    await _ensure_stream(jetstream(js), gave_up_stream(name), gave_up, purpose="the requests given up on")
+    return info
 
 
 async def ensure_reply_stream(
@@ -108,7 +124,8 @@ async def _ensure_ledger(js: JetStreamContext, bucket: str, max_age: float, repl
 # A mailbox's owner reads its ledger entries with direct gets, since the alternative (STREAM.INFO)
 # would show every mailbox's keys. A rollup header ("Nats-Rollup: all") on a put to one's own key
 # would purge every mailbox's entries, so the ledger refuses rollups: entries are deleted, not purged.
-_LEDGER_SETTINGS = {"allow_direct": True, "allow_rollup_hdrs": False}
+# Their delete markers carry a TTL instead, so settled entries vanish (see Ledger.forget()).
+_LEDGER_SETTINGS = {"allow_direct": True, "allow_rollup_hdrs": False, "allow_msg_ttl": True}
 
 
 async def wait_for_messages(js: JetStreamContext | Client, stream: str, count: int, *, timeout: float = 5.0) -> int:
@@ -128,14 +145,15 @@ async def wait_for_messages(js: JetStreamContext | Client, stream: str, count: i
 
 
 async def delete_streams(js: JetStreamContext | Client, *names: str) -> list[str]:
-    """Delete the named streams that exist (a reply stream's ledger goes with it); returns those deleted.
+    """Delete the named streams that exist (a reply stream's ledger and a request stream's
+    gave-up stream go with it); returns those deleted.
 
     Notebooks call it to start from a clean slate and in their cleanup cell.
     """
     js = jetstream(js)
     deleted = []
     for name in names:
-        for stream in (name, f"KV_{ledger_bucket(name)}"):
+        for stream in (name, f"KV_{ledger_bucket(name)}", gave_up_stream(name)):
             try:
                 await js.delete_stream(stream)
             except NotFoundError:
