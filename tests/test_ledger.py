@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
-from support import unique
+from support import eventually, unique
 
 import js_request_reply as jrr
 from js_request_reply.ledger import Ledger
@@ -64,6 +64,38 @@ async def test_a_request_noted_again_after_it_was_forgotten_is_outstanding_again
     await alice.note_sent("r1", entry(2))
 
     assert await alice.outstanding() == {"r1": entry(2)}
+
+
+async def test_listing_reads_only_the_outstanding_entries_however_long_the_history(nc, js, mailboxes):
+    """collect() lists a mailbox's outstanding requests: its cost must follow them, not every request ever sent."""
+    alice = Ledger(nc, mailboxes.stream, "alice")
+    for first in range(0, 10_000, 500):  # 10,000 old requests, settled
+        batch = [f"old{n}" for n in range(first, first + 500)]
+        await asyncio.gather(*(alice.note_sent(request_id, entry(1)) for request_id in batch))
+        await asyncio.gather(*(alice.forget(request_id) for request_id in batch))
+    for n in range(10):
+        await alice.note_sent(f"new{n}", entry(n))
+
+    async def listing_holds_only_the_outstanding() -> bool:
+        info = await js.add_consumer(alice.stream, listing_config(alice))
+        await js.delete_consumer(alice.stream, info.name)
+        return info.num_pending == 10
+
+    # A settled entry's delete marker lasts a second, then the key is gone from the ledger.
+    await eventually(listing_holds_only_the_outstanding)
+    assert await alice.outstanding() == {f"new{n}": entry(n) for n in range(10)}
+    assert (await js.stream_info(alice.stream)).state.messages == 10
+
+
+async def test_a_listing_skips_the_entries_just_forgotten_while_their_markers_last(nc, mailboxes):
+    alice = Ledger(nc, mailboxes.stream, "alice")
+    await asyncio.gather(*(alice.note_sent(f"old{n}", entry(n)) for n in range(300)))
+    await asyncio.gather(*(alice.forget(f"old{n}") for n in range(300)))
+    await alice.note_sent("new", entry(1))
+
+    # Listed at once, while the markers are there, and again as they expire: each answer is complete.
+    for _ in range(3):
+        assert await alice.outstanding() == {"new": entry(1)}
 
 
 async def test_a_listing_consumer_left_behind_hides_no_entry(nc, js, mailboxes):

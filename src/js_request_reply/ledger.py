@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from . import protocol as p
@@ -37,7 +37,9 @@ from .failover import UNAVAILABLE, Backoff, is_leaderless
 T = TypeVar("T")
 LISTING_IDLE_LIMIT = 60.0  # seconds: the server removes a listing consumer left behind by a crash
 LISTING_BATCH = 256
+LISTING_READ_TIMEOUT = 5.0  # seconds for the next entry of a listing, which the server sends at once
 LISTING_DELETE_TIMEOUT = 2.0  # seconds: removing the listing consumer is worth a try, not a wait
+FORGOTTEN_FOR = 1  # seconds a settled entry's delete marker stays (whole seconds: the server's TTL clock)
 
 
 class Ledger:
@@ -66,9 +68,21 @@ class Ledger:
         return await self._get(f"{self.mailbox}.{request_id}")
 
     async def forget(self, request_id: str) -> None:
-        """Remove a settled request's entry (a delete marker; the ledger's stream refuses rollups)."""
-        key = f"{self.mailbox}.{request_id}"
-        await self._call(lambda: self._kv.delete(key), f"{self.keys}.{request_id}")
+        """Remove a settled request's entry, so that listing the outstanding ones never reads it again.
+
+        A delete marker replaces the entry (the ledger keeps one revision a key). A marker would be
+        read by every later listing, so listings would grow with history: it is published with a
+        TTL, and a second later the key is gone altogether. (A purge would do it at once, but the
+        ledger's stream refuses rollups.) On a ledger made without per-message TTLs, the marker stays.
+        """
+        subject = f"{self.keys}.{request_id}"
+        js = self.nc.jetstream()
+        try:
+            await self._call(lambda: js.publish(subject, headers={KV_OP: KV_DEL}, msg_ttl=FORGOTTEN_FOR), subject)
+        except APIError as exc:
+            if exc.err_code != p.JS_ERR_MSG_TTL_DISABLED:
+                raise
+            await self._call(lambda: self._kv.delete(f"{self.mailbox}.{request_id}"), subject)
 
     async def outstanding(self) -> dict[str, dict[str, Any]]:
         """Every request this mailbox sent and has not settled: request id -> entry.
@@ -106,23 +120,33 @@ class Ledger:
         )
 
     async def _read_listing(self, name: str, pending: int, next_subject: str) -> dict[str, dict[str, Any]]:
+        """Read the listing consumer to its end: what it holds now, without waiting for more.
+
+        `pending` (counted when the consumer was made) only says whether to read at all: entries
+        forgotten a second ago vanish meanwhile (their markers expire), so the count may never be
+        reached. Each pull asks with no_wait, and the server ends it with a 404 once nothing is left.
+        """
         entries: dict[str, dict[str, Any]] = {}
         if pending == 0:
             return entries
-        sub = await self.nc.jetstream().pull_subscribe_bind(name, self.stream)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        pull = json.dumps({"batch": LISTING_BATCH, "no_wait": True}).encode()
         try:
-            while pending > 0:
-                msgs = await denied_at_once(self.nc, sub.fetch(min(pending, LISTING_BATCH), timeout=5), next_subject)
-                pending -= len(msgs)
-                for msg in msgs:
-                    if (msg.headers or {}).get(KV_OP) in (KV_DEL, KV_PURGE):
-                        continue  # settled: only its delete marker is left
+            while True:
+                await self.nc.publish(next_subject, pull, reply=inbox)
+                for _ in range(LISTING_BATCH):
+                    msg = await denied_at_once(self.nc, sub.next_msg(timeout=LISTING_READ_TIMEOUT), next_subject)
+                    headers = msg.headers or {}
+                    if not msg.data and p.STATUS_HEADER in headers:
+                        return entries  # 404 no messages left (or 408/409: the listing ended)
+                    if headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+                        continue  # settled: only its delete marker is left, until it expires
                     with contextlib.suppress(ValueError, TypeError):
                         entries[msg.subject.rsplit(".", 1)[1]] = json.loads(msg.data)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        return entries
 
     async def _delete_listing(self, subject: str) -> None:
         with contextlib.suppress(NotFoundError, *UNAVAILABLE, nats.errors.TimeoutError, TimeoutError):
