@@ -5,6 +5,7 @@ Each test has a request stream and a reply stream of its own.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Callable
 
@@ -98,3 +99,57 @@ async def test_a_reply_handed_over_by_request_is_not_handed_over_again_by_collec
     assert again == [] and elsewhere == []
     assert alice.dropped == collections.Counter()
     assert await eventually(lambda: empty(js, mailboxes.stream))
+
+
+async def test_many_waiting_requests_share_one_pull_and_each_gets_its_own_reply(
+    nats_url, nc, js, queue, mailboxes, responder
+):
+    alice = mailboxes.requester(nc, "alice")
+    await alice.collect()  # opens the mailbox before the wiretap listens
+    count = 50
+
+    async with jrr.Wiretap(nats_url, connections=[nc]) as tap:
+        replies = await asyncio.gather(
+            *(alice.request(queue.subject("greet"), str(n), timeout=SETTLE) for n in range(count))
+        )
+        await alice.close()  # lets the last pull end
+    pulls = [m for m in tap.messages if m.subject == f"$JS.API.CONSUMER.MSG.NEXT.{mailboxes.stream}.mailbox-alice"]
+
+    assert [reply.text for reply in replies] == [f"hello {n}" for n in range(count)]
+    assert len(pulls) < count, f"{len(pulls)} pulls for {count} waiting requests: one pull serves them all"
+    assert await alice.collect() == []
+    assert alice.dropped == collections.Counter()
+
+
+async def test_a_reply_a_request_waits_for_is_not_taken_by_a_collect_meanwhile(nc, js, queue, mailboxes):
+    alice = mailboxes.requester(nc, "alice")
+    waiting = asyncio.create_task(alice.request(queue.subject("greet"), "mine", timeout=SETTLE))
+    await eventually(lambda: _holds(js, queue.stream, 1))
+
+    async with jrr.Responder(nc, lambda msg: b"hello " + msg.data, stream=queue.stream, reply_prefix=mailboxes.prefix):
+        collected = []
+        while not waiting.done():  # collect() again and again while the reply arrives
+            collected += await alice.collect(timeout=1)
+        reply = await waiting
+
+    assert reply.text == "hello mine"
+    assert collected == []
+    assert await alice.collect() == []
+
+
+async def test_request_in_mailbox_mode_records_the_hand_over_and_forgets_the_request(nc, queue, mailboxes, responder):
+    alice = mailboxes.requester(nc, "alice")
+    ledger = Ledger(nc, mailboxes.stream, "alice")
+
+    reply = await alice.request(queue.subject("greet"), "noted", timeout=SETTLE)
+
+    assert await ledger.done(reply.request_id) == {"seq": 1}
+    assert await eventually(lambda: _forgotten(ledger, reply.request_id))
+
+
+async def _holds(js, stream: str, count: int) -> bool:
+    return await messages_in(js, stream) == count
+
+
+async def _forgotten(ledger: Ledger, request_id: str) -> bool:
+    return await ledger.sent(request_id) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -30,14 +31,17 @@ from . import protocol as p
 from .access import mailbox_consumer
 from .denials import denied_at_once
 from .errors import NoReplyStream, PermissionDenied, RequestNotStored
-from .failover import UNAVAILABLE, Backoff, in_cluster, while_electing
+from .failover import Backoff, in_cluster, while_electing
 from .ledger import Ledger
 
 MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
 EXPIRY_MARGIN = (
     1.0  # seconds after a TTL before collect() calls its request expired: the server's TTL clock ticks in seconds
 )
-FETCH_BATCH = 256
+FETCH_BATCH = 256  # replies asked for by one pull
+PUMP_EXPIRY = 1.0  # seconds one pull of the pump stays open on the server before the next
+READ_TIMEOUT = 5.0  # seconds for the next reply of a read that the server answers at once
+CLOSE_WAIT = 2.0  # seconds close() lets the pump's last pull end and hand-overs finish
 LISTING_SHARE = 0.5  # at most this share of collect()'s timeout goes to listing the ledger
 RECHECKS = 5  # reads of a ledger entry, over about a second, before a reply in a cluster counts as unrequested
 
@@ -95,10 +99,15 @@ class Mailbox:
         self.reply_prefix = reply_prefix
         self.ledger = Ledger(nc, reply_stream, name)
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._sub: Any = None
-        self._opening = asyncio.Lock()  # concurrent sends bind the mailbox once
-        self._fetch_lock = asyncio.Lock()
-        self._fetched: dict[str, Msg] = {}  # replies fetched but not yet handed over
+        self._opened = False
+        self._opening = asyncio.Lock()  # concurrent sends open the mailbox once
+        self._fetched: dict[str, Msg] = {}  # replies fetched that nobody waits for: a later collect() takes them
+        self._waiters: dict[str, asyncio.Future[Msg]] = {}  # request id -> the request() waiting for its reply
+        self._pump: asyncio.Task | None = None
+        self._round_end: asyncio.Future | None = None
+        self._round_left = 0
+        self._round_status = ""
+        self._finishing: set[asyncio.Task] = set()  # entries being forgotten after a hand-over
         self._consumer = mailbox_consumer(name)
         self._api = f"$JS.API.CONSUMER.%s.{reply_stream}.{self._consumer}"
 
@@ -173,15 +182,15 @@ class Mailbox:
     # -- the consumer -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Bind to this mailbox's durable consumer on the reply stream, creating it on first use.
+        """Make sure this mailbox's durable consumer on the reply stream exists, creating it on first use.
 
         Concurrent sends open it once. In a cluster, JetStream may be electing a leader meanwhile:
         both calls are safe to repeat, so they are retried under the caller's deadline.
         """
         async with self._opening:
-            if self._sub is None:
+            if not self._opened:
                 await self._ensure_consumer()
-                self._sub = await self.nc.jetstream().pull_subscribe_bind(self._consumer, self.reply_stream)
+                self._opened = True
 
     async def _ensure_consumer(self) -> None:
         js = self.nc.jetstream()
@@ -217,29 +226,104 @@ class Mailbox:
             ) from None
 
     async def close(self) -> None:
-        """Drop the subscription (the durable mailbox and its replies stay on the server)."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
+        """Stop waiting for replies (the durable mailbox and its replies stay on the server).
+
+        The pump's last pull is let end first: the server would otherwise hand it a reply for an
+        inbox nobody reads, and the reply would wait out the consumer's ack_wait before a collect() got it.
+        """
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        pending = {task for task in (self._pump, *self._finishing) if task is not None}
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_WAIT)
+        self._opened = False
+
+    # -- reading the mailbox ------------------------------------------------------------------------
+
+    def _route(self, msg: Msg) -> None:
+        """Give a fetched reply to the request() waiting for it, or keep it for collect()."""
+        request_id = p.request_id_of(msg.subject)
+        waiter = self._waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+        else:
+            self._fetched[request_id] = msg  # a redelivered copy replaces the older one
+
+    def _start_pump(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._pump_replies(), name=f"mailbox-{self.name}")
+
+    async def _pump_replies(self) -> None:
+        """Keep one pull open on the mailbox while any request() waits, routing every reply it brings.
+
+        One pull serves every waiting request, however many: the Responder's pattern. It ends
+        with the round in which nobody waits any more.
+        """
+        loop = asyncio.get_running_loop()
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=self._on_pumped)
+        pull = json.dumps({"batch": FETCH_BATCH, "expires": int(PUMP_EXPIRY * 1e9)}).encode()
+        backoff = Backoff()
+        try:
+            while True:
+                if not self._waiters:
+                    self._pump = None  # before any await: a request() that waits from now on starts a new pump
+                    return
+                self._round_left, self._round_status = FETCH_BATCH, ""
+                self._round_end = loop.create_future()
+                await self.nc.publish(self._api % "MSG.NEXT", pull, reply=inbox)  # open() checked it is allowed
+                await asyncio.wait({self._round_end}, timeout=PUMP_EXPIRY + 1)  # a lost pull ends nowhere
+                if self._round_status == p.NO_RESPONDERS_STATUS:
+                    await backoff.wait()  # the mailbox's consumer is electing a leader
+                else:
+                    backoff = Backoff()
+        except BaseException as exc:
+            self._pump = None
+            for waiter in self._waiters.values():
+                if not waiter.done() and isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+            raise
+        finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    def _keep(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
-            self._fetched[p.request_id_of(msg.subject)] = msg  # a redelivered copy replaces the older one
+    async def _on_pumped(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if not msg.data and p.STATUS_HEADER in headers:
+            self._round_status = headers[p.STATUS_HEADER]
+            if self._round_status != "100":  # a heartbeat; anything else ends the round
+                self._end_round()
+            return
+        self._round_left -= 1
+        if self._round_left <= 0:
+            self._end_round()
+        self._route(msg)
 
-    async def _fetch(self, batch: int, timeout: float) -> list[Msg]:
-        return await denied_at_once(self.nc, self._sub.fetch(batch, timeout=timeout), self._api % "MSG.NEXT")
+    def _end_round(self) -> None:
+        if self._round_end is not None and not self._round_end.done():
+            self._round_end.set_result(None)
 
-    async def _fetch_waiting(self) -> None:
-        """Fetch every reply waiting in the mailbox right now."""
+    async def _read_waiting(self) -> None:
+        """Fetch every reply waiting in the mailbox right now, without waiting for more."""
         await self.open()
-        async with self._fetch_lock:
-            info = await denied_at_once(self.nc, self._sub.consumer_info(), self._api % "INFO")
-            waiting = info.num_pending
-            while waiting > 0:
-                msgs = await self._fetch(min(waiting, FETCH_BATCH), timeout=5)
-                self._keep(msgs)
-                waiting -= len(msgs)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        pull = json.dumps({"batch": FETCH_BATCH, "no_wait": True}).encode()
+        next_subject = self._api % "MSG.NEXT"
+        try:
+            while True:
+                await self.nc.publish(next_subject, pull, reply=inbox)
+                for _ in range(FETCH_BATCH):
+                    msg = await denied_at_once(self.nc, sub.next_msg(timeout=READ_TIMEOUT), next_subject)
+                    headers = msg.headers or {}
+                    if not msg.data and p.STATUS_HEADER in headers:
+                        if headers[p.STATUS_HEADER] == p.NO_RESPONDERS_STATUS:
+                            raise nats.errors.NoRespondersError  # no leader: what was fetched is handed over
+                        return  # 404: nothing more waiting
+                    self._route(msg)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     # -- handing over -------------------------------------------------------------------------------
 
@@ -247,22 +331,24 @@ class Mailbox:
         """Wait (under the caller's deadline) until this request's reply is in the mailbox, and take it.
 
         `entry` is what the ledger noted for the request (this process wrote it: no need to read it).
+        The reply is handed over once it is claimed in the ledger and acked; its entry is
+        forgotten meanwhile, in the background.
         """
-        backoff = Backoff()
+        await self.open()
         while True:
-            async with self._fetch_lock:
-                while request_id not in self._fetched:
-                    try:
-                        self._keep(await self._fetch(1, timeout=1))
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        continue
-                    except UNAVAILABLE:
-                        await backoff.wait()  # the mailbox's consumer is electing a leader
-            msg = self._fetched.pop(request_id)
-            if await self._hand_over(msg, entry):
+            msg = self._fetched.pop(request_id, None)
+            if msg is None:
+                waiter = self._waiters[request_id] = asyncio.get_running_loop().create_future()
+                try:
+                    self._start_pump()
+                    msg = await waiter
+                finally:
+                    if self._waiters.get(request_id) is waiter:
+                        del self._waiters[request_id]
+            if await self._hand_over(msg, entry, forget_later=True):
                 return Reply.from_msg(msg)
 
-    async def _hand_over(self, msg: Msg, entry: dict | None) -> bool:
+    async def _hand_over(self, msg: Msg, entry: dict | None, *, forget_later: bool = False) -> bool:
         """Settle one fetched reply: True when it is to be handed over, False when it was dropped.
 
         The steps are each safe to repeat: the ledger notes the reply as handed over (with its
@@ -285,13 +371,21 @@ class Mailbox:
         else:
             earlier = await self.ledger.claim(request_id, {"seq": seq})
             mine = earlier is None or earlier.get("seq") == seq
+        if entry is not None and forget_later:  # the caller waits only for the claim and the ack
+            task = asyncio.create_task(self._forget_settled(request_id))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
         await denied_at_once(self.nc, msg.ack_sync(), msg.reply)
+        if entry is not None and not forget_later:
+            await self._forget_settled(request_id)
         if not mine:
             self.dropped[SECOND_REPLY if earlier is not None else NOT_REQUESTED] += 1
-        if entry is not None:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self.ledger.forget(request_id)
         return mine
+
+    async def _forget_settled(self, request_id: str) -> None:
+        """Delete a settled request's entry; one left behind is only a listing's extra line."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError, NoReplyStream):
+            await self.ledger.forget(request_id)
 
     async def _sent_after_all(self, request_id: str) -> dict | None:
         """Read a request's entry again, for a second, before calling its reply one nobody asked for.
@@ -326,7 +420,7 @@ class Mailbox:
             outstanding = {}
         try:
             async with asyncio.timeout_at(deadline):
-                await self._fetch_waiting()
+                await self._read_waiting()
         except (TimeoutError, nats.errors.Error, OSError):
             pass  # hand over what was fetched; the rest is found by the next collect()
         try:
@@ -336,7 +430,7 @@ class Mailbox:
             if settle_by is not None and loop.time() + (settle_by - time.time()) < deadline:
                 await asyncio.sleep(settle_by - time.time())  # a clock to wait for, not an event
                 async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
-                    await self._fetch_waiting()
+                    await self._read_waiting()
                     await self._hand_over_fetched(outstanding, handed)
             async with asyncio.timeout_at(max(deadline, loop.time() + 1)):
                 for request_id, entry in outstanding.items():
@@ -350,7 +444,10 @@ class Mailbox:
         return handed
 
     async def _hand_over_fetched(self, outstanding: dict[str, dict], handed: list[Reply]) -> None:
-        """Hand over (or drop) every reply fetched, oldest first; each leaves `outstanding`."""
+        """Hand over (or drop) every reply fetched, oldest first; each leaves `outstanding`.
+
+        A reply a request() of this process is waiting for was given to it already (see _route).
+        """
         for msg in sorted(self._fetched.values(), key=lambda msg: msg.metadata.sequence.stream):
             request_id = p.request_id_of(msg.subject)
             entry = outstanding.pop(request_id, None) or await self.ledger.sent(request_id)
