@@ -96,7 +96,8 @@ def responder_permissions(
         f"{api}.CONSUMER.MSG.NEXT.{gave_up}.*",
         f"$JS.ACK.{gave_up}.>",
         f"{api}.STREAM.NAMES",
-        f"{api}.STREAM.MSG.GET.KV_{p.ledger_bucket(reply_stream)}",  # did this mailbox send this request?
+        f"{api}.DIRECT.GET.KV_{p.ledger_bucket(reply_stream)}.>",  # did this mailbox send this request?
+        f"{api}.STREAM.MSG.GET.KV_{p.ledger_bucket(reply_stream)}",  # ... asked of the leader, if a copy lags
         f"{reply_prefix}.>",  # stored replies
         "_INBOX.>",  # direct replies, to any requester's inbox
     )

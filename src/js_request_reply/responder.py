@@ -391,24 +391,35 @@ class Responder:
         if not mailbox:
             return f"Nats-Reply {reply_to!r} is not a mailbox subject, {self.reply_prefix}.<mailbox>.<request id>"
         bucket = p.ledger_bucket(reply_stream)
-        get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
-        key = f"$KV.{bucket}.{mailbox}.{request_id}"
+        stream, key = f"KV_{bucket}", f"$KV.{bucket}.{mailbox}.{request_id}"
+        js, entry = self.nc.jetstream(), None
         try:
             async with asyncio.timeout(self.reply_timeout):
-                entry = await while_electing(
-                    lambda: denied_at_once(self.nc, self.nc.jetstream().get_msg(f"KV_{bucket}", subject=key), get)
-                )
-        except NotFoundError:
-            entry = None
+                # Any copy of the ledger answers a direct get, at once. Only its leader is sure to have
+                # an entry written a moment ago: a miss is asked again of the leader, a slower API call.
+                with contextlib.suppress(PermissionDenied):  # allowed only the leader's get (an older access config)
+                    entry = await self._ledger_entry(
+                        lambda: js.get_msg(stream, subject=key, direct=True), f"$JS.API.DIRECT.GET.{stream}.{key}"
+                    )
+                if not _is_noted(entry):
+                    entry = await self._ledger_entry(
+                        lambda: js.get_msg(stream, subject=key), f"$JS.API.STREAM.MSG.GET.{stream}"
+                    )
         except (TimeoutError, APIError, PermissionDenied):
             return None
-        noted = entry is not None and (entry.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
-        if not noted:
+        if not _is_noted(entry):
             return f"mailbox {mailbox!r} did not send this request (no entry {mailbox}.{request_id} in {bucket!r})"
         subject, token = _noted(entry.data)
         if subject not in (msg.subject, None) or token not in (headers.get(p.MAILBOX_TOKEN_HEADER), None):
             return f"mailbox {mailbox!r} did not send this request (its entry {mailbox}.{request_id} is another's)"
         return ""
+
+    async def _ledger_entry(self, get: Callable[[], Awaitable[Any]], subject: str) -> Any:
+        """The ledger message `get()` reads (retried while the ledger elects a leader), or None."""
+        try:
+            return await while_electing(lambda: denied_at_once(self.nc, get(), subject))
+        except NotFoundError:
+            return None
 
     async def _on_leader_elected(self, advisory: Msg) -> None:
         """The consumer has a new leader: acks sent to the old one may be lost."""
@@ -562,6 +573,11 @@ class Responder:
         self.handled.append(handled)
         if self.on_handled is not None:
             self.on_handled(handled)
+
+
+def _is_noted(entry: Any) -> bool:
+    """True for a ledger message that is an entry, not missing or a delete marker."""
+    return entry is not None and (entry.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
 
 
 def _noted(entry: bytes) -> tuple[str | None, str | None]:
