@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from js_request_reply.bench import VARIANTS
+from js_request_reply import Responder, bench, delete_streams
+from js_request_reply.bench import FLOORS, VARIANTS
 
 R3_ROWS = ["js-publish R3", "jetstream R3", "mailbox R3"]
 
@@ -41,6 +42,35 @@ def test_bench_json_has_every_variant_with_ratios_to_core(report):
     core = report["rows"][0]
     assert core["p50_ratio"] == 1.0 and set(core["throughput_ratio"].values()) == {1.0}
     assert report["machine"]["cpus"]
+
+
+def test_same_process_is_a_ratio_to_core_on_one_loop_and_each_stored_row_to_its_floor(report):
+    rows = {row["variant"]: row for row in report["rows"]}
+    same, baseline = rows["same-process"], rows["core-in-process"]
+
+    assert same["p50_ratio"] == round(same["p50_ms"] / baseline["p50_ms"], 2)
+    for name, floor in FLOORS.items():
+        row = rows[name]
+        assert row["floor"] == floor
+        assert row["floor_p50_ratio"] == round(row["p50_ms"] / rows[floor]["p50_ms"], 2)
+        assert set(row["floor_throughput_ratio"]) == {str(c) for c in report["concurrency"]}
+    assert rows["core"]["floor"] is None and rows["js-publish"]["floor"] is None
+
+
+async def test_the_bench_responders_take_only_their_own_subjects(nc, js):
+    """js-publish stores messages in the responders' stream: their durables must not be handed them."""
+    await bench._prepare(nc, [bench.R1])
+    try:
+        async with Responder(nc, lambda msg: msg.data, stream=bench.STREAM, durable="bench"):
+            await js.publish(bench.R1.stored, b"stored, not a request")
+            info = await js.consumer_info(bench.STREAM, "bench")
+        local = await js.consumer_info(bench.STREAM, bench.LOCAL_DURABLE)
+    finally:
+        await delete_streams(js, bench.STREAM, bench.REPLY_STREAM)
+
+    assert info.config.filter_subject == bench.JS_SUBJECT
+    assert info.num_pending == 0 and info.delivered.stream_seq == 0, "the stored message was not the responder's"
+    assert local.config.filter_subject == bench.LOCAL_SUBJECT
 
 
 def test_bench_memory_burst_leaves_no_reply_awaited_and_no_subscription_behind(report):

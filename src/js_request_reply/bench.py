@@ -3,7 +3,9 @@
 `python -m js_request_reply bench` prints a table of latency (p50, p99) and throughput at several
 numbers of requests in flight, each also as a ratio to core request-reply measured in the same run.
 The responders run in a separate process, as they would in production. Figures are ratios on this
-machine, not promises.
+machine, not promises. Two more rows measure what a notebook does, requester and responders on one
+event loop: `same-process`, as a ratio to core on one loop (`core-in-process`). Each stored
+variant is also shown against its floor (FLOORS): what it cannot be faster than.
 
 With `--replicas 3` it runs on a three-node cluster (its own, unless given a URL) and measures the
 stored variants twice: on streams with one replica, and on streams with three ("R3" rows), each R3
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import nats.errors
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from . import protocol as p
 from .cluster import EmbeddedCluster
@@ -43,7 +46,10 @@ STREAM = "BENCH"
 REPLY_STREAM = "BENCH_REPLIES"
 REPLY_PREFIX = "bench-replies"
 CORE_SUBJECT = "bench.core"
+LOCAL_CORE_SUBJECT = "bench.core.local"
 JS_SUBJECT = "bench.js.echo"
+LOCAL_SUBJECT = "bench.local.echo"  # served by a Responder in the requester's own process
+LOCAL_DURABLE = "bench-local"
 PAYLOAD = b"x" * 64
 READY = "bench responders ready"
 REQUEST_TIMEOUT = 10.0
@@ -57,8 +63,16 @@ VARIANTS = {
     "jetstream": "request() / Requester.request to a Responder: store, PubAck, deliver, reply, ack",
     "naive": "the same, with a fresh inbox subscribed and unsubscribed per request (reference only)",
     "mailbox": "Requester(mailbox=...).request: the reply stored in a stream and fetched from it",
+    "core-in-process": "core nc.request to a core responder on the requester's own event loop",
+    "same-process": "request() to a Responder on the requester's own event loop (x core-in-process)",
 }
 REPLICATED = ("js-publish", "jetstream", "mailbox")  # also measured on R3 streams, with --replicas 3
+IN_PROCESS = ("core-in-process", "same-process")  # measured on one replica only
+BASELINE_ROWS = ("core", "core-in-process")
+BASELINES = {"same-process": "core-in-process"}  # the row each row's "x core" ratio is to (core unless named)
+# What bounds each stored variant: a JetStream publish and its PubAck. jetstream stores one message
+# per request (the request), mailbox four (ledger entry, request, reply, hand-over record) and acks one.
+FLOORS = {"jetstream": "js-publish", "naive": "js-publish", "mailbox": "js-publish", "same-process": "js-publish"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,9 @@ class Row:
     replicas: int | None = None  # the stored variants' stream replicas, in a run that compares them
     r1_ratio: float | None = None  # an R3 row's p50 as a multiple of the same variant's on one replica
     r1_throughput_ratio: dict[int, float] | None = None  # and its throughput, likewise
+    floor: str | None = None  # the variant this one is bounded by (FLOORS)
+    floor_p50_ratio: float | None = None  # p50 as a multiple of the floor's
+    floor_throughput_ratio: dict[int, float] | None = None  # throughput as a multiple of the floor's
 
 
 @dataclass
@@ -292,18 +309,57 @@ def _variants(nc: Client, streams: Streams = R1) -> dict[str, Callable[[], Await
     async def mailboxed() -> object:
         return await mailbox.request(streams.subject, PAYLOAD, timeout=REQUEST_TIMEOUT)
 
-    return {"core": core, "js-publish": js_publish, "jetstream": jetstream, "naive": naive, "mailbox": mailboxed}
+    async def core_in_process() -> object:
+        return await nc.request(LOCAL_CORE_SUBJECT, PAYLOAD, timeout=REQUEST_TIMEOUT)
+
+    async def same_process() -> object:
+        return await requester.request(LOCAL_SUBJECT, PAYLOAD, timeout=REQUEST_TIMEOUT)
+
+    return {
+        "core": core,
+        "js-publish": js_publish,
+        "jetstream": jetstream,
+        "naive": naive,
+        "mailbox": mailboxed,
+        "core-in-process": core_in_process,
+        "same-process": same_process,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _in_process(nc: Client):
+    """The same-process responders, on the requester's connection and event loop, as in a notebook."""
+
+    async def core_echo(msg) -> None:
+        await msg.respond(msg.data)
+
+    sub = await nc.subscribe(LOCAL_CORE_SUBJECT, cb=core_echo)
+    try:
+        responder = Responder(nc, {LOCAL_SUBJECT: lambda msg: msg.data}, stream=STREAM, durable=LOCAL_DURABLE)
+        async with responder:
+            yield
+    finally:
+        await sub.unsubscribe()
 
 
 async def _prepare(nc: Client, sets: list[Streams]) -> None:
     js = nc.jetstream()
     await delete_streams(js, *(name for streams in sets for name in (streams.stream, streams.reply_stream)))
     for streams in sets:
-        # The Responder takes only `subject`: js-publish stores `stored` in the same stream without waking it.
-        await ensure_request_stream(js, streams.stream, [streams.subject, streams.stored], replicas=streams.replicas)
+        # The Responders take only their subjects: js-publish stores `stored` in the same stream
+        # without waking them. Their durables are made filtered before they start, which they keep.
+        subjects = [streams.subject, streams.stored] + ([LOCAL_SUBJECT] if streams is R1 else [])
+        await ensure_request_stream(js, streams.stream, subjects, replicas=streams.replicas)
+        await js.add_consumer(streams.stream, _durable("bench", streams.subject))
+        if streams is R1:
+            await js.add_consumer(streams.stream, _durable(LOCAL_DURABLE, LOCAL_SUBJECT))
         await ensure_reply_stream(
             js, streams.reply_stream, [f"{streams.reply_prefix}.>"], max_age=600, replicas=streams.replicas
         )
+
+
+def _durable(name: str, subject: str) -> ConsumerConfig:
+    return ConsumerConfig(name=name, durable_name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT)
 
 
 async def _trim(nc: Client, streams: Streams = R1) -> None:
@@ -356,13 +412,16 @@ async def run_bench(
             progress("moving the leaders to the requester's node")
             placement = Placement(_node(nc), ready.rpartition(" on ")[2], await _lead_from(nc, _node(nc), sets))
         rows = []
-        for streams in sets:
-            for name in measured[streams]:
-                one = calls[streams][name]
-                row = await _measure(one, name + streams.suffix, requests, warmup, concurrency, progress)
-                row.replicas = None if name == "core" or replicas == 1 else streams.replicas
-                rows.append(row)
-                await _trim(nc, streams)
+        async with _in_process(nc):
+            for streams in sets:
+                for name in measured[streams]:
+                    if streams is not R1 and name in IN_PROCESS:
+                        continue
+                    one = calls[streams][name]
+                    row = await _measure(one, name + streams.suffix, requests, warmup, concurrency, progress)
+                    row.replicas = None if name in BASELINE_ROWS or replicas == 1 else streams.replicas
+                    rows.append(row)
+                    await _trim(nc, streams)
         _add_ratios(rows)
         progress(f"memory: {memory_in_flight} in flight")
         mem = await memory(nc, memory_in_flight) if memory_in_flight else None
@@ -463,12 +522,18 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 def _add_ratios(rows: list[Row]) -> None:
-    core = next((row for row in rows if row.variant == "core"), None)
-    if core is not None:
-        for row in rows:
+    by_name = {row.variant: row for row in rows}
+    for row in rows:
+        core = by_name.get(BASELINES.get(row.variant, "core"))
+        if core is not None:
             row.p50_ratio = round(row.p50_ms / core.p50_ms, 2) if core.p50_ms else 0.0
             row.throughput_ratio = {k: round(v / core.throughput[k], 2) for k, v in row.throughput.items()}
-    by_name = {row.variant: row for row in rows}
+        name, _, replicated = row.variant.partition(" ")
+        floor = by_name.get(f"{FLOORS[name]} {replicated}".strip()) if name in FLOORS else None
+        if floor is not None:
+            row.floor = floor.variant
+            row.floor_p50_ratio = round(row.p50_ms / floor.p50_ms, 2) if floor.p50_ms else 0.0
+            row.floor_throughput_ratio = {k: round(v / floor.throughput[k], 2) for k, v in row.throughput.items()}
     for row in rows:
         r1 = by_name.get(row.variant.rsplit(" ", 1)[0]) if (row.replicas or 1) > 1 else None
         if r1 is not None:
@@ -492,7 +557,8 @@ def _machine() -> dict[str, str]:
 def report_table(report: Report):
     """The rows as a pandas DataFrame: latency, throughput at each number in flight, and ratios to core.
 
-    When the report has R3 rows, each ratio to core is followed by a ratio to R1 (empty on the other rows).
+    When the report has R3 rows, each ratio to core is followed by a ratio to R1 (empty on the other
+    rows). Then the ratio to the row's floor (FLOORS; empty on rows that have none).
     """
     import pandas as pd  # only the notebook needs it
 
@@ -502,11 +568,13 @@ def report_table(report: Report):
         line = {"variant": row.variant, "p50 (ms)": row.p50_ms, "p99 (ms)": row.p99_ms, "p50 × core": row.p50_ratio}
         if with_r1:
             line["p50 × R1"] = row.r1_ratio
+        line["p50 × floor"] = row.floor_p50_ratio
         for n in report.concurrency:
             line[f"{n} in flight (req/s)"] = round(row.throughput[n])
             line[f"{n} in flight × core"] = row.throughput_ratio[n]
             if with_r1:
                 line[f"{n} in flight × R1"] = row.r1_throughput_ratio[n] if row.r1_throughput_ratio else None
+            line[f"{n} in flight × floor"] = row.floor_throughput_ratio[n] if row.floor_throughput_ratio else None
         rows.append(line)
     return pd.DataFrame(rows)
 
@@ -553,11 +621,17 @@ def format_report(report: Report) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
     out.append("")
-    out += [f"{name:<11} {VARIANTS[name]}" for name in (row.variant for row in report.rows) if name in VARIANTS]
+    out += [f"{name:<15} {VARIANTS[name]}" for name in (row.variant for row in report.rows) if name in VARIANTS]
+    floored = [row for row in report.rows if row.floor]
+    if floored:
+        out += ["", "against its floor (what it cannot beat: JetStream storing one message and its PubAck):"]
+        for row in floored:
+            flights = ", ".join(f"{row.floor_throughput_ratio[c]:.2f}x at {c} in flight" for c in report.concurrency)
+            out.append(f"  {row.variant:<15} p50 {row.floor_p50_ratio:.2f}x {row.floor}; throughput {flights}")
     replicated = sorted({row.replicas for row in report.rows if (row.replicas or 1) > 1})
     for replicas in replicated:
         out.append(
-            f"{f'... R{replicas}':<11} the same on streams with {replicas} replicas (ledger and consumers too); "
+            f"{f'... R{replicas}':<15} the same on streams with {replicas} replicas (ledger and consumers too); "
             "x R1: a multiple of the same variant on 1 replica"
         )
     if report.placement:
