@@ -13,7 +13,8 @@ import contextlib
 import re
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from nats.aio.client import Client
 
@@ -49,6 +50,7 @@ class Denials:
         self.nc = nc
         self.seen: list[tuple[str, str]] = []  # every violation reported, oldest first (kept short)
         self._watches: dict[asyncio.Future, tuple[str, ...]] = {}
+        self._calls: dict[_Call, tuple[str, ...]] = {}  # calls of denied_at_once() under way
 
     def watch(self, *subjects: str) -> asyncio.Future:
         """A future that fails with PermissionDenied when the server denies one of `subjects` (wildcards allowed)."""
@@ -73,6 +75,10 @@ class Denials:
         for future, patterns in list(self._watches.items()):
             if not future.done() and _covers(patterns, subject):
                 future.set_exception(self.error(action, subject, patterns))
+        for call, patterns in list(self._calls.items()):
+            if call.error is None and _covers(patterns, subject):
+                call.error = self.error(action, subject, patterns)
+                call.task.cancel()  # wakes the call where it waits; denied_at_once() turns it into the error
         return True
 
     def error(self, action: str, subject: str, patterns: tuple[str, ...] = ()) -> PermissionDenied:
@@ -136,17 +142,34 @@ def denials_for(nc: Client) -> Denials:
     return denials
 
 
+@dataclass(eq=False)
+class _Call:
+    """One denied_at_once() under way: the task awaiting it, and the denial that cut it short."""
+
+    task: asyncio.Task
+    error: PermissionDenied | None = None
+
+
 async def denied_at_once(nc: Client, awaitable: Awaitable[T], *subjects: str) -> T:
-    """Await `awaitable`; if the server denies one of `subjects` first, cancel it and raise PermissionDenied."""
+    """Await `awaitable`; if the server denies one of `subjects` first, cancel it and raise PermissionDenied.
+
+    It is awaited in the caller's task, which a denial cancels, as asyncio.timeout() does: no task
+    of its own, since this wraps every call on the hot path.
+    """
     denials = denials_for(nc)
-    denied = denials.watch(*subjects)
-    task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+    task = asyncio.current_task()
+    call = _Call(task)
+    cancelling = task.cancelling()
+    denials._calls[call] = subjects
     try:
-        await asyncio.wait({task, denied}, return_when=FIRST_COMPLETED)
-        if denied.done():  # a denial beats a result that came with it: the subject was refused
-            raise denied.exception()
-        return task.result()
+        result = await awaitable
+    except asyncio.CancelledError:
+        if call.error is not None and task.uncancel() <= cancelling:
+            raise call.error from None
+        raise
     finally:
-        denials.unwatch(denied)
-        if not task.done():
-            task.cancel()
+        del denials._calls[call]
+    if call.error is not None:  # a denial beats a result that came with it: the subject was refused
+        task.uncancel()
+        raise call.error
+    return result
