@@ -30,7 +30,9 @@ from .menu import MENU, menu_handlers
 from .requester import Reply, ReplyError, Requester, request
 from .responder import Handled, Responder, request_id, terminate
 from .server import EmbeddedServer, server_url
+from .service import ResponderService, ping_services, service_info, service_stats, stats_rows
 from .streams import delete_streams, ensure_reply_stream, ensure_request_stream, wait_for_messages
+from .tracing import TRACEPARENT_HEADER, TraceParent, new_traceparent, parse_traceparent, trace_id_of
 
 # The display helpers need pandas and matplotlib, which take a second to import: load them on first
 # use, so the command line and responders start fast.
@@ -57,6 +59,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "MENU",
+    "TRACEPARENT_HEADER",
     "Arrow",
     "EmbeddedCluster",
     "EmbeddedServer",
@@ -76,6 +79,7 @@ __all__ = [
     "RequestTimeout",
     "Requester",
     "Responder",
+    "ResponderService",
     "SequenceDiagram",
     "ServerNotInstalled",
     "ServerStartFailed",
@@ -83,6 +87,7 @@ __all__ = [
     "ServerUnreachable",
     "StreamConflict",
     "StreamNotFound",
+    "TraceParent",
     "Wiretap",
     "access_config",
     "connect",
@@ -91,16 +96,23 @@ __all__ = [
     "ensure_request_stream",
     "ledger_table",
     "menu_handlers",
+    "new_traceparent",
+    "parse_traceparent",
     "permissions_for",
     "permissions_table",
+    "ping_services",
     "replica_table",
     "replies_table",
     "request",
     "request_id",
     "run_command",
     "server_url",
+    "service_info",
+    "service_stats",
+    "stats_rows",
     "stream_state",
     "stream_table",
     "terminate",
+    "trace_id_of",
     "wait_for_messages",
 ]

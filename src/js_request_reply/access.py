@@ -106,6 +106,7 @@ def responder_permissions(
         f"{inbox_prefix(RESPONDER)}.>",
         f"{advisories}.MAX_DELIVERIES.{request_stream}.*",
         f"{advisories}.LEADER_ELECTED.{request_stream}.*",
+        "$SRV.>",  # discovery and stats requests (ADR-32), answered to the asker's inbox, under _INBOX.>
     )
     return Permissions(RESPONDER, RESPONDER, publish, subscribe)
 

@@ -1,6 +1,6 @@
 """The command line, `python -m js_request_reply COMMAND`: each process of a scenario in a shell of its own.
 
-Commands: server, cluster, workshop, responder, request, collect, chaos, bench, lab, access-config.
+Commands: server, cluster, workshop, responder, request, collect, stats, chaos, bench, lab, access-config.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .menu import menu_handlers
 from .requester import Requester
 from .responder import Handled, Responder
 from .server import LAB_URL_VARIABLE, EmbeddedServer
+from .service import service_stats, stats_rows
 from .streams import ensure_reply_stream, ensure_request_stream
 from .workshop import generate_passwords, learner_names, learner_urls, url_host, workshop_server
 
@@ -227,6 +228,59 @@ async def _collect(args: argparse.Namespace) -> int:
     finally:
         await requester.close()
         await nc.drain()
+
+
+STATS_COLUMNS = (  # (heading, row key, format) of the stats table
+    ("service", "service", "{}"),
+    ("id", "id", "{}"),
+    ("endpoint", "endpoint", "{}"),
+    ("requests", "requests", "{:d}"),
+    ("errors", "errors", "{:d}"),
+    ("average", "average_ms", "{:.2f} ms"),
+)
+CLEAR_SCREEN = "\033[H\033[J"
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or args.timeout <= 0:
+        raise ValueError("--interval and --timeout must be more than 0 seconds")
+    nc = await connect(cli_url(args))
+    try:
+        stop = _stop_on_signals() if args.watch else None
+        while True:
+            stats = await service_stats(nc, args.name, timeout=args.timeout)
+            if stop is not None and sys.stdout.isatty():
+                print(CLEAR_SCREEN, end="")
+            say(stats_text(stats_rows(stats), args.name, args.timeout))
+            if stop is None:
+                return 0
+            say(f"(every {args.interval:g}s; Ctrl-C to stop)")
+            try:
+                async with asyncio.timeout(args.interval):
+                    await stop.wait()
+                return 0
+            except TimeoutError:
+                continue  # time for the next table
+    finally:
+        await nc.drain()
+
+
+def stats_text(rows: list[dict], name: str | None = None, timeout: float = 1.0) -> str:
+    """The stats table as text: one line per endpoint of every responder (or core service) that answered."""
+    if not rows:
+        asked = f"$SRV.STATS.{name}" if name else "$SRV.STATS"
+        return f"no responder answered {asked} within {timeout:g}s"
+    cells = [[heading for heading, _, _ in STATS_COLUMNS]]
+    cells += [[form.format(row[key]) for _, key, form in STATS_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(STATS_COLUMNS))]
+    numeric = {i for i, (_, _, form) in enumerate(STATS_COLUMNS) if form != "{}"}
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in cells
+    )
 
 
 LAB_SETTING_DEFAULTS = {
@@ -436,6 +490,20 @@ def parser() -> argparse.ArgumentParser:
     collect.add_argument("--mailbox", required=True)
     collect.add_argument("--timeout", type=float, default=5.0)
     collect.set_defaults(run=lambda args: asyncio.run(_collect(args)))
+
+    stats = with_url(
+        commands.add_parser(
+            "stats",
+            help="a table of every responder on the server: endpoints, requests, errors, average time ($SRV.STATS)",
+        )
+    )
+    stats.add_argument("--name", default=None, help="only the responders of this durable (the service name)")
+    stats.add_argument("--watch", action="store_true", help="print the table again every --interval s, until Ctrl-C")
+    stats.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between two tables with --watch (default 2)"
+    )
+    stats.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for answers (default 1)")
+    stats.set_defaults(run=lambda args: asyncio.run(_stats(args)))
 
     chaos = commands.add_parser(
         "chaos",

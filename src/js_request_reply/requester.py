@@ -27,6 +27,7 @@ from .errors import (
 )
 from .failover import Backoff, in_cluster, is_leaderless
 from .mailbox import Mailbox, Reply, ReplyError, error_of
+from .tracing import request_span
 
 __all__ = ["Reply", "ReplyError", "Requester", "delete_request", "error_of", "request"]
 
@@ -170,40 +171,10 @@ class Requester:
         responder works on a request nobody waits for. A user not allowed to delete requests
         leaves it to its `Nats-Deadline`: a responder that takes it later rejects it unrun.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        data = self._checked(subject, payload, headers, ttl)
-        request_id = self._request_id(msg_id)
-        reply_subject = self._reply_subject(request_id)
-        reply_future = None if self._box else self._inbox.expect(request_id)
-        attempt = _Attempt()
-        try:
-            async with asyncio.timeout_at(deadline):
-                sent_before = False
-                if self._box is not None:
-                    sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
-                await self._store(
-                    subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt, timeout, reply_future
-                )
-                if self._box is not None:
-                    await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
-                if reply_future is not None:
-                    msg = await reply_future
-                    _raise_if_error(msg, subject)
-                    return msg
-                with self._box.owner_only():
-                    reply = await self._box.wait_for(request_id, {"subject": subject, "token": attempt.token})
-                if reply.error:
-                    raise RequestRejected(reply.error.code, reply.error.description, subject)
-                return reply
-        except TimeoutError:
-            raise RequestTimeout(await self._timed_out(subject, request_id, timeout, attempt)) from None
-        except (NoRequestStream, RequestNotStored, PermissionDenied):
-            if attempt.noted and attempt.stored is None:
-                await self._box.forget_unsent(request_id)
-            raise
-        finally:
-            self._inbox.forget(request_id, request_id + ".ack")
+        # A traceparent on every request (the caller's, or a new one), and a span around it when tracing. The
+        # caller's headers alone count against the payload limit: ours, traceparent included, fit the allowance.
+        with request_span("request", subject, headers) as traced:
+            return await self._request(subject, payload, timeout, headers, traced, ttl, msg_id)
 
     async def send(
         self,
@@ -224,27 +195,8 @@ class Requester:
             raise ValueError(
                 "send() needs a mailbox, so the reply has somewhere to wait: Requester(nc, mailbox='alice')"
             )
-        data = self._checked(subject, payload, headers, ttl)
-        request_id = self._request_id(msg_id)
-        attempt = _Attempt()
-        try:
-            async with asyncio.timeout(timeout):
-                sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
-                reply_subject = self._reply_subject(request_id)
-                await self._store(subject, data, request_id, reply_subject, headers, ttl, msg_id, attempt)
-                await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
-        except TimeoutError:
-            said = f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
-            if not attempt.noted:
-                said = f"the mailbox ledger did not confirm noting the request to {subject!r} within {timeout:g}s"
-            raise RequestTimeout(f"{said}{LEADERLESS if attempt.leaderless else ''}") from None
-        except (NoRequestStream, RequestNotStored, PermissionDenied):
-            if attempt.noted and attempt.stored is None:
-                await self._box.forget_unsent(request_id)
-            raise
-        finally:
-            self._inbox.forget(request_id + ".ack")
-        return request_id
+        with request_span("send", subject, headers) as traced:
+            return await self._send(subject, payload, ttl, msg_id, headers, traced, timeout)
 
     async def collect(self, timeout: float = 5.0) -> list[Reply]:
         """Every reply stored for this mailbox that no earlier `collect()` returned, oldest first.
@@ -273,6 +225,85 @@ class Requester:
         await self.close()
 
     # -- the steps ----------------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        subject: str,
+        payload: bytes | str,
+        timeout: float,
+        headers: dict[str, str] | None,
+        traced: dict[str, str],
+        ttl: float | None,
+        msg_id: str | None,
+    ) -> Msg | Reply:
+        """request(), with `traced`: the caller's headers and the trace context."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        data = self._checked(subject, payload, headers, ttl)
+        request_id = self._request_id(msg_id)
+        reply_subject = self._reply_subject(request_id)
+        reply_future = None if self._box else self._inbox.expect(request_id)
+        attempt = _Attempt()
+        try:
+            async with asyncio.timeout_at(deadline):
+                sent_before = False
+                if self._box is not None:
+                    sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
+                await self._store(
+                    subject, data, request_id, reply_subject, traced, ttl, msg_id, attempt, timeout, reply_future
+                )
+                if self._box is not None:
+                    await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
+                if reply_future is not None:
+                    msg = await reply_future
+                    _raise_if_error(msg, subject)
+                    return msg
+                with self._box.owner_only():
+                    reply = await self._box.wait_for(request_id, {"subject": subject, "token": attempt.token})
+                if reply.error:
+                    raise RequestRejected(reply.error.code, reply.error.description, subject)
+                return reply
+        except TimeoutError:
+            raise RequestTimeout(await self._timed_out(subject, request_id, timeout, attempt)) from None
+        except (NoRequestStream, RequestNotStored, PermissionDenied):
+            if attempt.noted and attempt.stored is None:
+                await self._box.forget_unsent(request_id)
+            raise
+        finally:
+            self._inbox.forget(request_id, request_id + ".ack")
+
+    async def _send(
+        self,
+        subject: str,
+        payload: bytes | str,
+        ttl: float | None,
+        msg_id: str | None,
+        headers: dict[str, str] | None,
+        traced: dict[str, str],
+        timeout: float,
+    ) -> str:
+        """send(), with `traced`: the caller's headers and the trace context."""
+        data = self._checked(subject, payload, headers, ttl)
+        request_id = self._request_id(msg_id)
+        attempt = _Attempt()
+        try:
+            async with asyncio.timeout(timeout):
+                sent_before = await self._note(request_id, subject, ttl, msg_id, attempt)
+                reply_subject = self._reply_subject(request_id)
+                await self._store(subject, data, request_id, reply_subject, traced, ttl, msg_id, attempt)
+                await self._box.check_not_foreign(request_id, subject, attempt.stored, sent_before)
+        except TimeoutError:
+            said = f"the server did not confirm storing the request to {subject!r} within {timeout:g}s"
+            if not attempt.noted:
+                said = f"the mailbox ledger did not confirm noting the request to {subject!r} within {timeout:g}s"
+            raise RequestTimeout(f"{said}{LEADERLESS if attempt.leaderless else ''}") from None
+        except (NoRequestStream, RequestNotStored, PermissionDenied):
+            if attempt.noted and attempt.stored is None:
+                await self._box.forget_unsent(request_id)
+            raise
+        finally:
+            self._inbox.forget(request_id + ".ack")
+        return request_id
 
     async def _note(
         self, request_id: str, subject: str, ttl: float | None, msg_id: str | None, attempt: _Attempt

@@ -24,7 +24,9 @@ from .errors import NoLeader, PayloadTooLarge, PermissionDenied, Reject, StreamC
 from .failover import Backoff, is_leaderless, while_electing
 from .gave_up import AnswerLater, GaveUpWatch
 from .requester import HEADER_ALLOWANCE, REPUBLISH_AFTER
+from .service import ResponderService
 from .settling import ACK, NAK_LATER, Settler, term_verdict
+from .tracing import TRACEPARENT_HEADER, process_span
 
 Handler = Callable[[Msg], Union[bytes, str, Awaitable[Union[bytes, str]]]]  # noqa: UP007 - a runtime alias
 Handlers = Union[Handler, Mapping[str, Handler]]  # noqa: UP007
@@ -121,6 +123,15 @@ class Responder:
         self._leaderless = False  # the last pull got a 503: the consumer had no leader
         self._settler = Settler(nc, stream, durable, ack_wait, working=lambda: set(self._tasks))
         self._leader_subs: list[Any] = []
+        # Discovery and stats ($SRV.PING, INFO, STATS): who is serving, how fast, and what fails.
+        self.service = ResponderService(
+            nc,
+            name=durable,
+            instance=self.name,
+            stream=stream,
+            handlers=handlers,
+            in_flight=lambda: [msg.subject for msg, _ in self._running_handlers.values()],
+        )
 
     @property
     def running(self) -> bool:
@@ -146,6 +157,7 @@ class Responder:
             ),
         ]
         await self._check_subscriptions()
+        await self.service.start()
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"responder-{self.name}")
         self._keep_alive_task = asyncio.create_task(self._keep_alive_loop(), name=f"keep-alive-{self.name}")
         return self
@@ -196,6 +208,7 @@ class Responder:
             self._keep_alive_task.cancel()
             await asyncio.gather(self._keep_alive_task, return_exceptions=True)
         await self._gave_up.stop()
+        await self.service.stop()
         for sub in (self._deliver_sub, *self._leader_subs):
             if sub is not None and not closed:
                 with contextlib.suppress(nats.errors.Error):
@@ -353,6 +366,13 @@ class Responder:
 
     async def _answer(self, msg: Msg, reply_to: str, delivery: int) -> None:
         """Run the handler for `msg` (unless it is past its deadline), reply, then ack or terminate."""
+        started = time.perf_counter_ns()
+        try:
+            await self._run_and_reply(msg, reply_to, delivery)
+        finally:
+            self.service.add_time(msg.subject, time.perf_counter_ns() - started)
+
+    async def _run_and_reply(self, msg: Msg, reply_to: str, delivery: int) -> None:
         request_id = p.request_id_of(reply_to)
         late = p.seconds_past_deadline(msg.headers)
         if late is not None:
@@ -360,7 +380,9 @@ class Responder:
             await self._reject(msg, reply_to, request_id, p.EXPIRED, why, delivery)
             return
         try:
-            data = await self._call_handler(msg)
+            # A span linked to the requester's by the traceparent header, when OpenTelemetry is installed.
+            with process_span(msg.subject, msg.headers, self.durable):
+                data = await self._call_handler(msg)
         except Reject as reject:
             await self._reject(msg, reply_to, request_id, reject.code, reject.description, delivery)
             return
@@ -496,6 +518,9 @@ class Responder:
     async def _publish_reply(self, subject, request_headers, reply_to, request_id, data, headers) -> str | None:
         """Publish a reply to `reply_to`; stored replies wait for their PubAck. Returns what went wrong, if anything."""
         reply_stream = (request_headers or {}).get(p.REPLY_STREAM_HEADER)
+        traceparent = (request_headers or {}).get(TRACEPARENT_HEADER)
+        if traceparent:  # the reply belongs to the request's trace: every reply, errors and stored ones too
+            headers = {**headers, TRACEPARENT_HEADER: traceparent}
         if not reply_stream:
             await self.nc.publish(reply_to, data, headers=headers or None)
             return None
@@ -571,6 +596,7 @@ class Responder:
 
     def _remember(self, handled: Handled) -> None:
         self.handled.append(handled)
+        self.service.record(handled)
         if self.on_handled is not None:
             self.on_handled(handled)
 
