@@ -371,12 +371,12 @@ class Mailbox:
         else:
             earlier = await self.ledger.claim(request_id, {"seq": seq})
             mine = earlier is None or earlier.get("seq") == seq
+        await denied_at_once(self.nc, msg.ack_sync(), msg.reply)
         if entry is not None and forget_later:  # the caller waits only for the claim and the ack
             task = asyncio.create_task(self._forget_settled(request_id))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
-        await denied_at_once(self.nc, msg.ack_sync(), msg.reply)
-        if entry is not None and not forget_later:
+        elif entry is not None:
             await self._forget_settled(request_id)
         if not mine:
             self.dropped[SECOND_REPLY if earlier is not None else NOT_REQUESTED] += 1
