@@ -279,13 +279,17 @@ async def memory(nc: Client, in_flight: int) -> Memory:
     )
 
 
-def _variants(nc: Client, streams: Streams = R1) -> dict[str, Callable[[], Awaitable[object]]]:
-    """Each variant as one request, on `streams` (core uses none)."""
+def _variants(
+    nc: Client, streams: Streams = R1, mailboxes: list[Requester] | None = None
+) -> dict[str, Callable[[], Awaitable[object]]]:
+    """Each variant as one request, on `streams` (core uses none); the mailbox's Requester goes into `mailboxes`."""
     js = nc.jetstream()
     requester = Requester(nc)
     mailbox = Requester(
         nc, mailbox=streams.mailbox, reply_stream=streams.reply_stream, reply_prefix=streams.reply_prefix
     )
+    if mailboxes is not None:
+        mailboxes.append(mailbox)
 
     async def core() -> object:
         return await nc.request(CORE_SUBJECT, PAYLOAD, timeout=REQUEST_TIMEOUT)
@@ -399,7 +403,8 @@ async def run_bench(
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         ready = await _wait_ready(responders)
-        calls = {streams: _variants(nc, streams) for streams in sets}
+        mailboxes: list[Requester] = []
+        calls = {streams: _variants(nc, streams, mailboxes) for streams in sets}
         measured = {
             streams: variants if streams is R1 else [name for name in variants if name in REPLICATED]
             for streams in sets
@@ -423,6 +428,8 @@ async def run_bench(
                     rows.append(row)
                     await _trim(nc, streams)
         _add_ratios(rows)
+        for mailbox in mailboxes:
+            await mailbox.close()  # its pull ends: the memory burst counts the connection's subscriptions
         progress(f"memory: {memory_in_flight} in flight")
         mem = await memory(nc, memory_in_flight) if memory_in_flight else None
         return Report(_machine(), requests, list(concurrency), rows, mem, placement)
@@ -622,18 +629,18 @@ def format_report(report: Report) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
     out.append("")
     out += [f"{name:<15} {VARIANTS[name]}" for name in (row.variant for row in report.rows) if name in VARIANTS]
-    floored = [row for row in report.rows if row.floor]
-    if floored:
-        out += ["", "against its floor (what it cannot beat: JetStream storing one message and its PubAck):"]
-        for row in floored:
-            flights = ", ".join(f"{row.floor_throughput_ratio[c]:.2f}x at {c} in flight" for c in report.concurrency)
-            out.append(f"  {row.variant:<15} p50 {row.floor_p50_ratio:.2f}x {row.floor}; throughput {flights}")
     replicated = sorted({row.replicas for row in report.rows if (row.replicas or 1) > 1})
     for replicas in replicated:
         out.append(
             f"{f'... R{replicas}':<15} the same on streams with {replicas} replicas (ledger and consumers too); "
             "x R1: a multiple of the same variant on 1 replica"
         )
+    floored = [row for row in report.rows if row.floor]
+    if floored:
+        out += ["", "against its floor (what it cannot beat: JetStream storing one message and its PubAck):"]
+        for row in floored:
+            flights = ", ".join(f"{row.floor_throughput_ratio[c]:.2f}x at {c} in flight" for c in report.concurrency)
+            out.append(f"  {row.variant:<15} p50 {row.floor_p50_ratio:.2f}x {row.floor}; throughput {flights}")
     if report.placement:
         where = report.placement
         elsewhere = {name: node for name, node in where.leaders.items() if node != where.requester}
