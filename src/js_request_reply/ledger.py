@@ -33,11 +33,11 @@ from .access import ledger_consumer
 from .denials import denied_at_once
 from .errors import NoReplyStream
 from .failover import UNAVAILABLE, Backoff, is_leaderless
+from .pulls import held_now
 
 T = TypeVar("T")
 LISTING_IDLE_LIMIT = 60.0  # seconds: the server removes a listing consumer left behind by a crash
 LISTING_BATCH = 256
-LISTING_READ_TIMEOUT = 5.0  # seconds for the next entry of a listing, which the server sends at once
 LISTING_DELETE_TIMEOUT = 2.0  # seconds: removing the listing consumer is worth a try, not a wait
 FORGOTTEN_FOR = 1  # seconds a settled entry's delete marker stays (whole seconds: the server's TTL clock)
 
@@ -102,7 +102,7 @@ class Ledger:
                     # One left behind by a listing that crashed would go on from where that one stopped.
                     await self._delete_listing(api % "DELETE")
                     info = await self._call(lambda: js.add_consumer(self.stream, config), create)
-                return await self._read_listing(name, info.num_pending, api % "MSG.NEXT")
+                return await self._read_listing(name, info.num_pending)
             finally:
                 # Also when the listing was cut short: one left on a server that died would block the next.
                 await asyncio.shield(self._delete_listing(api % "DELETE"))
@@ -119,34 +119,21 @@ class Ledger:
             num_replicas=1,
         )
 
-    async def _read_listing(self, name: str, pending: int, next_subject: str) -> dict[str, dict[str, Any]]:
+    async def _read_listing(self, name: str, pending: int) -> dict[str, dict[str, Any]]:
         """Read the listing consumer to its end: what it holds now, without waiting for more.
 
         `pending` (counted when the consumer was made) only says whether to read at all: entries
-        forgotten a second ago vanish meanwhile (their markers expire), so the count may never be
-        reached. Each pull asks with no_wait, and the server ends it with a 404 once nothing is left.
+        forgotten a second ago vanish meanwhile (their markers expire), so the count may never be reached.
         """
         entries: dict[str, dict[str, Any]] = {}
         if pending == 0:
             return entries
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        pull = json.dumps({"batch": LISTING_BATCH, "no_wait": True}).encode()
-        try:
-            while True:
-                await self.nc.publish(next_subject, pull, reply=inbox)
-                for _ in range(LISTING_BATCH):
-                    msg = await denied_at_once(self.nc, sub.next_msg(timeout=LISTING_READ_TIMEOUT), next_subject)
-                    headers = msg.headers or {}
-                    if not msg.data and p.STATUS_HEADER in headers:
-                        return entries  # 404 no messages left (or 408/409: the listing ended)
-                    if headers.get(KV_OP) in (KV_DEL, KV_PURGE):
-                        continue  # settled: only its delete marker is left, until it expires
-                    with contextlib.suppress(ValueError, TypeError):
-                        entries[msg.subject.rsplit(".", 1)[1]] = json.loads(msg.data)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        async for msg in held_now(self.nc, self.stream, name, batch=LISTING_BATCH):
+            if (msg.headers or {}).get(KV_OP) in (KV_DEL, KV_PURGE):
+                continue  # settled: only its delete marker is left, until it expires
+            with contextlib.suppress(ValueError, TypeError):
+                entries[msg.subject.rsplit(".", 1)[1]] = json.loads(msg.data)
+        return entries
 
     async def _delete_listing(self, subject: str) -> None:
         with contextlib.suppress(NotFoundError, *UNAVAILABLE, nats.errors.TimeoutError, TimeoutError):

@@ -33,6 +33,7 @@ from .denials import denied_at_once
 from .errors import NoReplyStream, PermissionDenied, RequestNotStored
 from .failover import Backoff, in_cluster, while_electing
 from .ledger import Ledger
+from .pulls import held_now
 
 MAILBOX_IDLE_LIMIT = 7 * 24 * 3600.0  # the server forgets a mailbox consumer unused for a week
 EXPIRY_MARGIN = (
@@ -40,7 +41,6 @@ EXPIRY_MARGIN = (
 )
 FETCH_BATCH = 256  # replies asked for by one pull
 PUMP_EXPIRY = 1.0  # seconds one pull of the pump stays open on the server before the next
-READ_TIMEOUT = 5.0  # seconds for the next reply of a read that the server answers at once
 CLOSE_WAIT = 2.0  # seconds close() lets the pump's last pull end and hand-overs finish
 LISTING_SHARE = 0.5  # at most this share of collect()'s timeout goes to listing the ledger
 RECHECKS = 5  # reads of a ledger entry, over about a second, before a reply in a cluster counts as unrequested
@@ -304,26 +304,13 @@ class Mailbox:
             self._round_end.set_result(None)
 
     async def _read_waiting(self) -> None:
-        """Fetch every reply waiting in the mailbox right now, without waiting for more."""
+        """Fetch every reply waiting in the mailbox right now, without waiting for more.
+
+        A 503 (no leader) ends it with NoRespondersError: what was fetched is handed over.
+        """
         await self.open()
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        pull = json.dumps({"batch": FETCH_BATCH, "no_wait": True}).encode()
-        next_subject = self._api % "MSG.NEXT"
-        try:
-            while True:
-                await self.nc.publish(next_subject, pull, reply=inbox)
-                for _ in range(FETCH_BATCH):
-                    msg = await denied_at_once(self.nc, sub.next_msg(timeout=READ_TIMEOUT), next_subject)
-                    headers = msg.headers or {}
-                    if not msg.data and p.STATUS_HEADER in headers:
-                        if headers[p.STATUS_HEADER] == p.NO_RESPONDERS_STATUS:
-                            raise nats.errors.NoRespondersError  # no leader: what was fetched is handed over
-                        return  # 404: nothing more waiting
-                    self._route(msg)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        async for msg in held_now(self.nc, self.reply_stream, self._consumer, batch=FETCH_BATCH):
+            self._route(msg)
 
     # -- handing over -------------------------------------------------------------------------------
 
