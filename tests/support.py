@@ -47,6 +47,11 @@ async def messages_in(js, stream: str) -> int:
     return (await js.stream_info(stream)).state.messages
 
 
+async def holds(js, stream: str, count: int) -> bool:
+    """True when `stream` holds `count` messages: a condition for eventually()."""
+    return await messages_in(js, stream) == count
+
+
 async def make_queue(js) -> Queue:
     suffix = uuid.uuid4().hex[:10]
     queue = Queue(f"Q_{suffix}", f"q{suffix}")

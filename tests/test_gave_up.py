@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import Outcomes, eventually, messages_in
+from support import Outcomes, eventually, holds
 
 import js_request_reply as jrr
 from js_request_reply import protocol as p
@@ -26,7 +26,7 @@ async def give_up_with_nobody_listening(nc, js, stream: str) -> None:
     finally:
         await pull.unsubscribe()
 
-    await eventually(lambda: _holds(js, p.gave_up_stream(stream), 1))
+    await eventually(lambda: holds(js, p.gave_up_stream(stream), 1))
 
 
 async def create_durable(nc, stream: str) -> None:
@@ -40,7 +40,7 @@ async def test_a_request_given_up_while_no_responder_runs_is_answered_once_when_
     await create_durable(nc, queue.stream)
     pending = asyncio.create_task(jrr.request(nc, queue.subject("poison"), b"left behind", timeout=60))
     try:
-        await eventually(lambda: _holds(js, queue.stream, 1))
+        await eventually(lambda: holds(js, queue.stream, 1))
         await give_up_with_nobody_listening(nc, js, queue.stream)
 
         outcomes = Outcomes()
@@ -50,7 +50,7 @@ async def test_a_request_given_up_while_no_responder_runs_is_answered_once_when_
             with pytest.raises(jrr.RequestRejected) as caught:
                 async with asyncio.timeout(20):
                     await pending
-            await eventually(lambda: _holds(js, p.gave_up_stream(queue.stream), 0))
+            await eventually(lambda: holds(js, p.gave_up_stream(queue.stream), 0))
             assert await jrr.wait_for_messages(js, queue.stream, 0) == 0, "the request left the stream"
     finally:
         pending.cancel()
@@ -83,7 +83,7 @@ async def test_a_mailbox_collects_one_gave_up_reply_for_a_request_given_up_while
             **OPTIONS,
         ),
     ):
-        await eventually(lambda: _holds(js, mailboxes.stream, 1))
+        await eventually(lambda: holds(js, mailboxes.stream, 1))
         replies = await alice.collect()
 
     assert [(r.request_id, r.error) for r in replies] == [(sent, jrr.ReplyError(500, "gave up after 1 deliveries"))]
@@ -99,7 +99,7 @@ async def test_without_the_gave_up_stream_a_running_responder_still_answers_the_
         pass
     pending = asyncio.create_task(jrr.request(nc, queue.subject("poison"), b"crashes", timeout=60))
     try:
-        await eventually(lambda: _holds(js, queue.stream, 1))
+        await eventually(lambda: holds(js, queue.stream, 1))
         pull = await js.pull_subscribe_bind("kitchen", queue.stream)
         try:
             await pull.fetch(1, timeout=5)  # its one delivery, never acked
@@ -115,6 +115,3 @@ async def test_without_the_gave_up_stream_a_running_responder_still_answers_the_
         pending.cancel()
     assert (caught.value.code, caught.value.description) == (500, "gave up after 1 deliveries")
 
-
-async def _holds(js, stream: str, count: int) -> bool:
-    return await messages_in(js, stream) == count

@@ -10,7 +10,7 @@ import collections
 from collections.abc import Callable
 
 import pytest_asyncio
-from support import SETTLE, eventually, messages_in
+from support import SETTLE, eventually, holds, messages_in
 
 import js_request_reply as jrr
 from js_request_reply.ledger import Ledger
@@ -38,10 +38,6 @@ async def collect_until(requester: jrr.Requester, done: Callable[[dict[str, list
     return handed
 
 
-async def empty(js, stream: str) -> bool:
-    return await messages_in(js, stream) == 0
-
-
 async def test_collect_hands_over_the_replies_to_the_requests_its_mailbox_sent(nc, js, queue, mailboxes, responder):
     alice = mailboxes.requester(nc, "alice")
     sent = [await alice.send(queue.subject("greet"), f"alice {n}") for n in range(3)]
@@ -52,7 +48,7 @@ async def test_collect_hands_over_the_replies_to_the_requests_its_mailbox_sent(n
         request_id: [f"hello alice {n}"] for n, request_id in enumerate(sent)
     }
     assert alice.dropped == collections.Counter()
-    assert await eventually(lambda: empty(js, mailboxes.stream)), "a reply handed over stayed in the stream"
+    assert await eventually(lambda: holds(js, mailboxes.stream, 0)), "a reply handed over stayed in the stream"
 
 
 async def test_a_reply_its_ledger_never_noted_is_dropped_and_counted(nc, js, queue, mailboxes, responder):
@@ -66,7 +62,7 @@ async def test_a_reply_its_ledger_never_noted_is_dropped_and_counted(nc, js, que
 
     assert list(handed) == [sent]
     assert alice.dropped == collections.Counter({"not requested": 2})
-    assert await eventually(lambda: empty(js, mailboxes.stream)), "a dropped reply stayed in the stream"
+    assert await eventually(lambda: holds(js, mailboxes.stream, 0)), "a dropped reply stayed in the stream"
 
 
 async def test_a_request_no_responder_takes_within_its_ttl_is_reported_expired_exactly_once(
@@ -98,7 +94,7 @@ async def test_a_reply_handed_over_by_request_is_not_handed_over_again_by_collec
     assert reply.text == "hello once"
     assert again == [] and elsewhere == []
     assert alice.dropped == collections.Counter()
-    assert await eventually(lambda: empty(js, mailboxes.stream))
+    assert await eventually(lambda: holds(js, mailboxes.stream, 0))
 
 
 async def test_many_waiting_requests_share_one_pull_and_each_gets_its_own_reply(
@@ -124,7 +120,7 @@ async def test_many_waiting_requests_share_one_pull_and_each_gets_its_own_reply(
 async def test_a_reply_a_request_waits_for_is_not_taken_by_a_collect_meanwhile(nc, js, queue, mailboxes):
     alice = mailboxes.requester(nc, "alice")
     waiting = asyncio.create_task(alice.request(queue.subject("greet"), "mine", timeout=SETTLE))
-    await eventually(lambda: _holds(js, queue.stream, 1))
+    await eventually(lambda: holds(js, queue.stream, 1))
 
     async with jrr.Responder(nc, lambda msg: b"hello " + msg.data, stream=queue.stream, reply_prefix=mailboxes.prefix):
         collected = []
@@ -146,9 +142,6 @@ async def test_request_in_mailbox_mode_records_the_hand_over_and_forgets_the_req
     assert await ledger.done(reply.request_id) == {"seq": 1}
     assert await eventually(lambda: _forgotten(ledger, reply.request_id))
 
-
-async def _holds(js, stream: str, count: int) -> bool:
-    return await messages_in(js, stream) == count
 
 
 async def _forgotten(ledger: Ledger, request_id: str) -> bool:
