@@ -114,4 +114,3 @@ async def test_without_the_gave_up_stream_a_running_responder_still_answers_the_
     finally:
         pending.cancel()
     assert (caught.value.code, caught.value.description) == (500, "gave up after 1 deliveries")
-

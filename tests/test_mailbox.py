@@ -143,6 +143,5 @@ async def test_request_in_mailbox_mode_records_the_hand_over_and_forgets_the_req
     assert await eventually(lambda: _forgotten(ledger, reply.request_id))
 
 
-
 async def _forgotten(ledger: Ledger, request_id: str) -> bool:
     return await ledger.sent(request_id) is None
