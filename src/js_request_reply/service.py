@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 VERBS = (ServiceVerb.PING, ServiceVerb.INFO, ServiceVerb.STATS)
 CATCH_ALL = ">"  # the endpoint subject of a Responder with one handler for every subject
 UNHANDLED = "unhandled"  # the endpoint of requests whose subject no handler serves (404)
+REMEMBERED_SUBJECTS = 1024  # request subjects whose endpoint is remembered, at most
 ASK_TIMEOUT = 1.0  # seconds ping_services() and the others wait for answers
 # Outcomes (Handled.outcome) that end a request in an error, and what each counts in the endpoint's data.
 ERROR_OUTCOMES = {"rejected": None, "terminated": "terminated", "refused": "terminated", "gave up": "gave_up"}
@@ -177,6 +178,7 @@ class ResponderService:
         self._handlers = handlers
         self._in_flight = in_flight
         self._counts: dict[str | None, EndpointCounts] = {}  # handler subject (None: no handler) -> counts
+        self._by_subject: dict[str, EndpointCounts] = {}  # request subject -> the counts of its endpoint
         self._subs: list[Any] = []
 
     @property
@@ -200,6 +202,15 @@ class ResponderService:
         return list(self._handlers)
 
     def _endpoint_for(self, subject: str) -> EndpointCounts:
+        """The counts of the handler subject that serves `subject` (remembered: this is on every request's path)."""
+        counts = self._by_subject.get(subject)
+        if counts is None:
+            counts = self._match(subject)
+            if len(self._by_subject) < REMEMBERED_SUBJECTS:
+                self._by_subject[subject] = counts
+        return counts
+
+    def _match(self, subject: str) -> EndpointCounts:
         """The counts of the handler subject that serves `subject`, matched as the Responder matches handlers."""
         subjects = self._handler_subjects()
         served_by = (

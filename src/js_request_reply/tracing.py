@@ -13,8 +13,8 @@ it, nothing else changes.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -65,8 +65,13 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
 
 
 def new_traceparent() -> str:
-    """A `traceparent` for a new trace: random trace and parent ids, sampled (so a tracing responder records it)."""
-    return str(TraceParent(secrets.token_hex(16), secrets.token_hex(8)))
+    """A `traceparent` for a new trace: random trace and parent ids, sampled (so a tracing responder records it).
+
+    The ids need to be unique, not secret (W3C asks for random ones, as OpenTelemetry makes them), and
+    one is made for every request: so the fast generator, not the secrets module. Never all zeros.
+    """
+    trace_id, parent_id = random.getrandbits(128) or 1, random.getrandbits(64) or 1
+    return f"00-{trace_id:032x}-{parent_id:016x}-{SAMPLED}"
 
 
 def trace_id_of(headers: Mapping[str, str] | None) -> str | None:
@@ -92,19 +97,25 @@ def _checked_caller_headers(headers: Mapping[str, str] | None) -> dict[str, str]
     return headers
 
 
-@contextlib.contextmanager
-def request_span(operation: str, subject: str, headers: Mapping[str, str] | None) -> Iterator[dict[str, str]]:
+def request_span(
+    operation: str, subject: str, headers: Mapping[str, str] | None
+) -> contextlib.AbstractContextManager[dict[str, str]]:
     """The headers to send one request with, holding a `traceparent`, inside a requester span when tracing.
 
     The caller's `traceparent` is kept as given; the span is then its child. Otherwise the header
     names the span (or, without OpenTelemetry, a new trace).
     """
     headers = _checked_caller_headers(headers)
+    if otel_trace is None:  # no span to open: a plain context, since this is on every request's path
+        if TRACEPARENT_HEADER not in headers:
+            headers[TRACEPARENT_HEADER] = new_traceparent()
+        return contextlib.nullcontext(headers)
+    return _requester_span(operation, subject, headers)
+
+
+@contextlib.contextmanager
+def _requester_span(operation: str, subject: str, headers: dict[str, str]) -> Iterator[dict[str, str]]:
     given = headers.get(TRACEPARENT_HEADER)
-    if otel_trace is None:
-        headers.setdefault(TRACEPARENT_HEADER, new_traceparent())
-        yield headers
-        return
     parent = _remote_context(given) if given else None  # None: the caller's current span, if any
     attributes = {"messaging.system": "nats", "messaging.destination.name": subject, "messaging.operation.type": "send"}
     tracer = otel_trace.get_tracer(INSTRUMENTATION)
@@ -116,16 +127,24 @@ def request_span(operation: str, subject: str, headers: Mapping[str, str] | None
         yield headers
 
 
-@contextlib.contextmanager
-def process_span(subject: str, headers: Mapping[str, str] | None, consumer: str = "") -> Iterator[None]:
+def process_span(
+    subject: str, headers: Mapping[str, str] | None, consumer: str = ""
+) -> contextlib.AbstractContextManager[None]:
     """A responder span around one request's handler, a child of the span its `traceparent` names.
 
     Without OpenTelemetry it does nothing. A handler's own spans nest inside it, and an exception
     the handler raises (a rejection included) is recorded on it.
     """
     if otel_trace is None:
-        yield
-        return
+        return _NO_SPAN
+    return _responder_span(subject, headers, consumer)
+
+
+_NO_SPAN = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _responder_span(subject: str, headers: Mapping[str, str] | None, consumer: str) -> Iterator[None]:
     given = (headers or {}).get(TRACEPARENT_HEADER)
     # No header: a trace of its own, never a child of whatever span started the responder.
     parent = _remote_context(given) or otel_context.Context()
