@@ -34,7 +34,7 @@ from .failover import UNAVAILABLE, Backoff, while_electing
 
 Answer = Callable[[int, int], Awaitable[None]]  # (stream sequence, deliveries) -> the request answered
 
-FETCH_BATCH = 16
+FETCH_BATCH = 1  # nats-py hands back a larger batch only when it is full or the pull expires: one is answered at once
 FETCH_WAIT = 5.0  # seconds one pull for advisories waits on the server before it is renewed
 ANSWER_WAIT = 30.0  # seconds an advisory is in hand before the server hands it to another responder
 STOP_WAIT = 10.0  # seconds stop() lets an advisory being answered finish
