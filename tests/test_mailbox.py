@@ -9,6 +9,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 
+import pytest
 import pytest_asyncio
 from support import SETTLE, eventually, holds, messages_in
 
@@ -145,3 +146,17 @@ async def test_request_in_mailbox_mode_records_the_hand_over_and_forgets_the_req
 
 async def _forgotten(ledger: Ledger, request_id: str) -> bool:
     return await ledger.sent(request_id) is None
+
+
+async def test_closing_the_requester_ends_a_waiting_request_with_a_clear_error(nc, js, queue, mailboxes):
+    alice = mailboxes.requester(nc, "alice")
+    waiting = asyncio.create_task(alice.request(queue.subject("greet"), "later", timeout=SETTLE))
+    await eventually(lambda: holds(js, queue.stream, 1))  # sent; no responder runs
+
+    await alice.close()
+
+    with pytest.raises(jrr.RequesterClosed, match=r"while request '.+' waited for its reply"):
+        await waiting
+    async with jrr.Responder(nc, lambda msg: b"hello " + msg.data, stream=queue.stream, reply_prefix=mailboxes.prefix):
+        await eventually(lambda: holds(js, mailboxes.stream, 1))
+    assert [reply.text for reply in await alice.collect()] == ["hello later"], "the reply waited for collect()"

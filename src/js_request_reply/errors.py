@@ -90,6 +90,10 @@ class NoReplyStream(JsRequestReplyError):
     """A mailbox was asked for, but no stream stores its replies."""
 
 
+class RequesterClosed(JsRequestReplyError):
+    """The Requester was closed while a request() waited: its reply, when it comes, waits in the mailbox."""
+
+
 class PayloadTooLarge(JsRequestReplyError, ValueError):
     """The payload is over the server's max_payload, so it was not sent."""
 

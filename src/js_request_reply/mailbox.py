@@ -30,7 +30,7 @@ from nats.js.errors import APIError, NotFoundError
 from . import protocol as p
 from .access import mailbox_consumer
 from .denials import denied_at_once
-from .errors import NoReplyStream, PermissionDenied, RequestNotStored
+from .errors import NoReplyStream, PermissionDenied, RequesterClosed, RequestNotStored
 from .failover import Backoff, in_cluster, while_electing
 from .ledger import Ledger
 from .pulls import held_now
@@ -231,8 +231,14 @@ class Mailbox:
         The pump's last pull is let end first: the server would otherwise hand it a reply for an
         inbox nobody reads, and the reply would wait out the consumer's ack_wait before a collect() got it.
         """
-        for waiter in self._waiters.values():
-            waiter.cancel()
+        for request_id, waiter in self._waiters.items():
+            if not waiter.done():
+                waiter.set_exception(
+                    RequesterClosed(
+                        f"the Requester was closed while request {request_id!r} waited for its reply; "
+                        f"the reply waits in mailbox {self.name!r} for collect()"
+                    )
+                )
         pending = {task for task in (self._pump, *self._finishing) if task is not None}
         if pending:
             await asyncio.wait(pending, timeout=CLOSE_WAIT)
